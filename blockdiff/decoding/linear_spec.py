@@ -1,0 +1,47 @@
+"""Self-speculation: a bidirectional draft pass (draft adapter on) fills the block, a causal
+verify pass (adapter off) checks it. Lossless at temperature 0; SPEC section 3."""
+from __future__ import annotations
+
+import torch
+
+from blockdiff.decoding import verify
+from blockdiff.decoding.batch import DecodeBatch
+
+
+def extra_slots(block_length: int) -> int:
+    return block_length
+
+
+def start(batch: DecodeBatch) -> None:
+    batch.prefill()
+
+
+def step(batch: DecodeBatch) -> None:
+    L, B = batch.block_length, len(batch)
+    block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
+    hidden = batch.forward(block, "bidirectional", adapter_gate=torch.ones(B, L, dtype=torch.bool))
+    draft_logits = batch.model.logits(hidden[:, 1:])  # (B, L-1, V): no shift, slot i predicts slot i
+    drafts, draft_probs = [], []
+    for row in range(B):
+        tokens, _, probs = batch.sample(row, draft_logits[row], need_probs=not batch.seqs[row].params.greedy)
+        drafts.append(tokens)
+        draft_probs.append(probs)
+    if batch.on_event:
+        batch.on_event("draft", {"drafts": [d.tolist() for d in drafts]})
+
+    candidate = torch.cat([block[:, :1], torch.stack(drafts)], dim=1)  # (B, L)
+    hidden = batch.forward(candidate, "causal")  # writes keys/values past each row's length
+    target_logits = batch.model.logits(hidden)  # (B, L, V): shifted, slot i predicts slot i+1
+    advance = []
+    for row, seq in enumerate(batch.seqs):
+        accepted, bonus = verify.accept(drafts[row], draft_probs[row], target_logits[row],
+                                        seq.params, seq.generator)
+        kept = batch.emit(row, drafts[row][:accepted].tolist() + [bonus])
+        seq.metrics.record_draft(L - 1, accepted)
+        seq.metrics.steps += 1
+        seq.metrics.verify_steps += 1
+        seq.metrics.committed_in_verify += kept
+        if batch.on_event:
+            batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": L - 1})
+        advance.append(1 + accepted)  # the pending token and the confirmed drafts
+    batch.cache.advance(advance)

@@ -1,0 +1,99 @@
+"""Quadratic self-speculation: one fused forward per step both verifies the current draft and
+drafts the next block for every possible acceptance length; SPEC section 3.
+
+Layout of a step's L + L*L tokens: the anchors d_0..d_{L-1} come first (a causal chain:
+they give the AR verification logits and, being causal, their keys/values can stay in the
+cache), then L sub-blocks of L MASKs; sub-block j sits at positions C+j+1 .. C+j+L, sees
+anchors d_0..d_j and itself, and drafts the block that follows if d_0..d_j are accepted.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from blockdiff.decoding import verify
+from blockdiff.decoding.batch import DecodeBatch
+
+
+def extra_slots(block_length: int) -> int:
+    return block_length * (block_length + 1) + block_length
+
+
+@lru_cache(maxsize=8)
+def fused_pattern(L: int) -> torch.Tensor:
+    """(L + L*L, L + L*L) bool: which of a step's new tokens each new token sees."""
+    T = L + L * L
+    sees = torch.zeros(T, T, dtype=torch.bool)
+    sees[:L, :L] = torch.ones(L, L, dtype=torch.bool).tril()
+    for j in range(L):
+        rows = slice(L + j * L, L + (j + 1) * L)
+        sees[rows, :j + 1] = True
+        sees[rows, rows] = True
+    return sees
+
+
+def fused_offsets(L: int) -> torch.Tensor:
+    """(L + L*L,) position of each new token relative to the cache length."""
+    anchors = torch.arange(L)
+    masks = (torch.arange(L)[:, None] + 1 + torch.arange(L)[None, :]).reshape(-1)  # (L*L,)
+    return torch.cat([anchors, masks])
+
+
+def start(batch: DecodeBatch) -> None:
+    """Fused prefill: the prompt (causal, cached) and a MASK block after it (bidirectional)."""
+    L, B = batch.block_length, len(batch)
+    lengths = [len(s.prompt_ids) for s in batch.seqs]
+    P = max(lengths)
+    tokens = torch.cat([torch.zeros(B, P, dtype=torch.long), batch.masks(L)], dim=1)  # (B, P+L)
+    positions = torch.zeros(B, P + L, dtype=torch.long)
+    pattern = torch.ones(P + L, P + L, dtype=torch.bool).tril().repeat(B, 1, 1)  # (B, P+L, P+L)
+    for row, seq in enumerate(batch.seqs):
+        n = lengths[row]
+        tokens[row, :n] = torch.tensor(seq.prompt_ids)
+        positions[row, :P] = torch.arange(P)
+        positions[row, P:] = n + torch.arange(L)
+        pattern[row, P:, :] = False
+        pattern[row, P:, :n] = True
+        pattern[row, P:, P:] = True
+        seq.metrics.prefill_nfe += 1
+    gate = torch.zeros(B, P + L, dtype=torch.bool)
+    gate[:, P:] = True
+    hidden = batch.model(tokens, positions, batch.cache, pattern, gate)  # (B, P+L, hidden)
+    batch.cache.advance(lengths)
+    for row, seq in enumerate(batch.seqs):
+        seed, _, _ = batch.sample(row, batch.model.logits(hidden[row, lengths[row] - 1:lengths[row]]))
+        batch.emit(row, [int(seed)])
+        _draft_from(batch, row, batch.model.logits(hidden[row, P + 1:P + L]))
+
+
+def _draft_from(batch: DecodeBatch, row: int, logits: torch.Tensor) -> None:
+    """Keep drafts d_1..d_{L-1} (and their probabilities when sampling) for the next step."""
+    seq = batch.seqs[row]
+    seq.draft, _, seq.draft_probs = batch.sample(row, logits, need_probs=not seq.params.greedy)
+
+
+def step(batch: DecodeBatch) -> None:
+    L, B = batch.block_length, len(batch)
+    anchors = torch.cat([batch.pending_tokens(), torch.stack([s.draft for s in batch.seqs])], dim=1)  # (B, L)
+    tokens = torch.cat([anchors, batch.masks(L * L)], dim=1)  # (B, L + L*L)
+    positions = batch.cache.lengths[:, None] + fused_offsets(L)  # (B, L + L*L)
+    gate = torch.zeros(B, L + L * L, dtype=torch.bool)
+    gate[:, L:] = True  # the draft adapter serves MASK queries only, never the anchor chain
+    hidden = batch.forward(tokens, fused_pattern(L), positions, gate)  # (B, L + L*L, hidden)
+    target_logits = batch.model.logits(hidden[:, :L])  # (B, L, V): anchor i predicts the slot after it
+    advance = []
+    for row, seq in enumerate(batch.seqs):
+        accepted, bonus = verify.accept(seq.draft, seq.draft_probs, target_logits[row], seq.params, seq.generator)
+        kept = batch.emit(row, seq.draft[:accepted].tolist() + [bonus])
+        seq.metrics.record_draft(L - 1, accepted)
+        seq.metrics.steps += 1
+        seq.metrics.verify_steps += 1
+        seq.metrics.committed_in_verify += kept
+        if batch.on_event:
+            batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": L - 1})
+        advance.append(1 + accepted)  # anchors d_0..d_a are exact causal entries
+        # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot
+        first = L + accepted * L
+        _draft_from(batch, row, batch.model.logits(hidden[row, first + 1:first + L]))
+    batch.cache.advance(advance)

@@ -1,0 +1,35 @@
+"""Accepting drafted tokens against AR predictions, shared by linear_spec and quad_spec.
+
+Greedy: accept the longest prefix the AR argmax agrees with, then the AR token after it.
+Sampling: the speculative rejection rule (Leviathan et al., Chen et al.): accept draft i
+with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection sample from
+norm(max(0, p_i - q_i)). The emitted tokens then follow the AR distribution exactly.
+"""
+from __future__ import annotations
+
+import torch
+
+from blockdiff.sampling import SamplingParams, gumbel_argmax, probabilities
+
+
+def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
+           params: SamplingParams, generator: torch.Generator | None) -> tuple[int, int]:
+    """drafts (K,), draft_probs (K, V) or None (greedy), target_logits (K+1, V) where row i is
+    the AR prediction for the slot of drafts[i] (row K: the slot after the last draft).
+    Returns (number of drafts accepted, the token that follows them)."""
+    K = drafts.shape[0]
+    if params.greedy:
+        ar = target_logits.argmax(-1)  # (K+1,)
+        agree = (ar[:K] == drafts).long()
+        accepted = int(agree.cumprod(0).sum())
+        return accepted, int(ar[accepted])
+    p = probabilities(target_logits, params)  # (K+1, V)
+    index = drafts[:, None]
+    ratio = p[:K].gather(1, index)[:, 0] / draft_probs.gather(1, index)[:, 0].clamp_min(1e-300)  # (K,)
+    u = torch.rand(K, dtype=torch.float64, generator=generator)
+    for i in range(K):
+        if u[i] >= ratio[i]:
+            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
+            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
+            return i, int(gumbel_argmax(residual, generator))
+    return K, int(gumbel_argmax(p[K], generator))

@@ -1,0 +1,127 @@
+"""The LLM class: load a checkpoint once, decode in any mode per call (vLLM-style API)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from blockdiff.decoding.batch import EventHook
+from blockdiff.decoding.metrics import Metrics
+from blockdiff.decoding.run import decode
+from blockdiff.engine.sequence import Sequence
+from blockdiff.model.adapter import load_adapter
+from blockdiff.model.checkpoint import load_checkpoint
+from blockdiff.model.registry import resolve_model
+from blockdiff.model.transformer import Transformer
+from blockdiff.sampling import SamplingParams
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    prompt: str | None
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    metrics: Metrics
+    mode: str
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
+                "mode": self.mode, "prompt_tokens": len(self.prompt_token_ids), "metrics": self.metrics.to_dict()}
+
+
+class LLM:
+    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", device: str = "cpu",
+                 adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
+        torch.set_flush_denormal(True)  # denormals slow CPU matmuls by up to 9x
+        source = resolve_model(model)
+        ckpt = load_checkpoint(source.path)
+        self.config = ckpt.config
+        if mask_token_id is not None:
+            self.config.mask_token_id = mask_token_id
+        elif self.config.mask_token_id is None:
+            self.config.mask_token_id = source.mask_token_id
+        self.tokenizer = ckpt.tokenizer
+        self.model = Transformer(self.config)
+        self.model.load_state_dict(ckpt.state_dict, strict=True)
+        self.model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.adapter = adapter or source.adapter
+        if self.adapter:
+            load_adapter(self.model, self.adapter)
+        self.model_path = source.path
+        self.max_batch_size = max_batch_size
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt is empty")
+            ids = self.tokenizer.encode(prompt, add_special_tokens=not chat)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.max_context}")
+        return ids
+
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False) -> Sequence:
+        ids = self.encode(prompt, chat=chat)
+        if len(ids) + params.max_new_tokens > self.max_context:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                             f"exceeds the model's context of {self.max_context}")
+        return Sequence(ids, params, frozenset(self.tokenizer.eos_token_ids), self.tokenizer.decode)
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True, on_event: EventHook | None = None, chat: bool = False,
+                 **kwargs) -> list[RequestOutput]:
+        """Decode every prompt; sequences that share mode and block length are batched together.
+
+        Extra keyword arguments build the SamplingParams: llm.generate(p, mode="diffusion").
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None:
+            params = SamplingParams.from_kwargs(**kwargs)
+        elif kwargs:
+            SamplingParams.check_names(kwargs)
+            params = dataclasses.replace(params, **kwargs)
+        param_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(param_list) != len(prompts):
+            raise ValueError(f"{len(param_list)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self.make_sequence(p, sp, chat=chat) for p, sp in zip(prompts, param_list)]
+        groups: dict[tuple, list[Sequence]] = {}
+        for seq in seqs:
+            groups.setdefault((seq.params.mode, seq.params.block_length), []).append(seq)
+        total = sum(s.params.max_new_tokens for s in seqs)
+        with tqdm(total=total, unit="tok", desc="generate", disable=not use_tqdm, leave=False) as bar:
+            for group in groups.values():
+                for i in range(0, len(group), self.max_batch_size):
+                    decode(self.model, group[i:i + self.max_batch_size], self.config.mask_token_id,
+                           on_event, bar.update)
+        return [self._output(p, s) for p, s in zip(prompts, seqs)]
+
+    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
+             **kwargs) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, params, chat=True, **kwargs)
+
+    def _output(self, prompt, seq: Sequence) -> RequestOutput:
+        text = self.tokenizer.decode(seq.output_ids)
+        if seq.stop_text_end is not None:
+            text = text[:seq.stop_text_end]
+        return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, text,
+                             list(seq.output_ids), seq.finish_reason, seq.metrics, seq.params.mode)

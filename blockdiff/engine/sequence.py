@@ -1,0 +1,85 @@
+"""One request's decoding state: its tokens, how it ends, and its metrics."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from blockdiff.decoding.metrics import Metrics
+from blockdiff.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    eos_ids: frozenset[int] = frozenset()
+    detokenize: Callable[[list[int]], str] | None = None  # needed only for stop strings
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" or "length"
+    stop_text_end: int | None = None  # where a stop string cut the text
+    pending: int | None = None  # the last emitted token, whose keys/values are not cached yet
+    draft: torch.Tensor | None = None  # quad_spec: the drafts that follow `pending`
+    draft_probs: torch.Tensor | None = None
+    metrics: Metrics = field(default_factory=Metrics)
+    start_time: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self):
+        self.metrics.prompt_tokens = len(self.prompt_ids)
+        self.generator = None
+        if not self.params.greedy:
+            self.generator = torch.Generator()
+            self.generator.manual_seed(self.params.seed if self.params.seed is not None else
+                                       int(torch.randint(0, 2**62, (1,))))
+        self.stop_ids = set(self.params.stop_token_ids)
+        if not self.params.ignore_eos:
+            self.stop_ids |= set(self.eos_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_new_tokens - len(self.output_ids)
+
+    def append(self, tokens: list[int]) -> int:
+        """Emit tokens in order until one ends the sequence; returns how many were kept."""
+        kept = 0
+        for token in tokens:
+            if self.finished:
+                break
+            if not self.output_ids:
+                self.metrics.ttft_s = time.perf_counter() - self.start_time
+            self.output_ids.append(token)
+            kept += 1
+            if token in self.stop_ids:
+                self.finish_reason = "stop"
+            elif self.remaining <= 0:
+                self.finish_reason = "length"
+        if kept and self.params.stop:
+            self._check_stop_strings(kept)
+        self.metrics.generated_tokens = len(self.output_ids)
+        if self.finished:
+            self.metrics.wall_s = time.perf_counter() - self.start_time
+        self.pending = self.output_ids[-1] if self.output_ids else None
+        return kept
+
+    def _check_stop_strings(self, new: int) -> None:
+        """Cut at the first stop string, even when a block overshot it; no text past it survives."""
+        text = self.detokenize(self.output_ids)
+        # only text that the new tokens could have completed needs searching
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, len(self.detokenize(self.output_ids[:-new])) - longest) if new < len(self.output_ids) else 0
+        hits = [(i, s) for s in self.params.stop if (i := text.find(s, start)) >= 0]
+        if not hits:
+            return
+        cut = min(hits)[0]
+        # keep the fewest tokens whose text reaches the stop string's start
+        keep = next(k for k in range(len(self.output_ids) + 1)
+                    if len(self.detokenize(self.output_ids[:k])) >= cut)
+        del self.output_ids[keep:]
+        self.stop_text_end = cut
+        self.finish_reason = "stop"

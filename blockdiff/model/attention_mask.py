@@ -1,0 +1,44 @@
+"""Attention masks: how new tokens see the cache and each other.
+
+A pattern says how the T new tokens of a forward see one another: "causal",
+"bidirectional", or an explicit boolean (T, T) / (B, T, T) tensor (quad_spec's fused
+pass, padded prefill). Every new token always sees its row's whole valid cache.
+"""
+from __future__ import annotations
+
+import torch
+
+Pattern = str | torch.Tensor
+
+
+def pattern_matrix(pattern: Pattern, num_new: int, device=None) -> torch.Tensor:
+    if isinstance(pattern, torch.Tensor):
+        return pattern.to(device=device, dtype=torch.bool)
+    if pattern == "causal":
+        return torch.ones(num_new, num_new, dtype=torch.bool, device=device).tril()
+    if pattern == "bidirectional":
+        return torch.ones(num_new, num_new, dtype=torch.bool, device=device)
+    raise ValueError(f"unknown attention pattern {pattern!r}: use 'causal', 'bidirectional' or a bool tensor")
+
+
+def build_mask(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int,
+               device=None) -> tuple[torch.Tensor | None, bool]:
+    """The (B, 1, T, span) boolean mask for SDPA, or None plus an is_causal flag when a
+    fused kernel can do without one (all rows the same length and a plain pattern)."""
+    uniform = bool((lengths == lengths[0]).all())
+    if uniform and isinstance(pattern, str) and span == int(lengths[0]) + num_new:
+        if pattern == "bidirectional" or num_new == 1:
+            return None, False
+        if pattern == "causal" and span == num_new:
+            return None, True
+    within = pattern_matrix(pattern, num_new, device)
+    if within.dim() == 2:
+        within = within.expand(lengths.shape[0], num_new, num_new)  # (B, T, T)
+    lengths = lengths.to(device)
+    key_slot = torch.arange(span, device=device)
+    relative = key_slot[None, :] - lengths[:, None]  # (B, span): key index among the new tokens
+    is_new = (relative >= 0) & (relative < num_new)
+    index = relative.clamp(0, num_new - 1)[:, None, :].expand(-1, num_new, -1)  # (B, T, span)
+    sees_new = torch.gather(within, 2, index) & is_new[:, None, :]  # (B, T, span)
+    sees_cache = (relative < 0)[:, None, :]  # (B, 1, span)
+    return (sees_new | sees_cache)[:, None], False  # (B, 1, T, span)

@@ -1,0 +1,73 @@
+"""A static KV cache with a valid length per row.
+
+Every forward stores its new keys/values in the slots just past each row's valid length,
+then attends over the valid prefix plus those slots. Whether the new entries become part
+of the cache is decided afterwards, by `advance` (append) or by doing nothing
+(attend-without-write: the slots past the valid length are scratch). `crop` rolls rows
+back after rejected speculation. Rows may have different lengths (ragged acceptance).
+"""
+from __future__ import annotations
+
+import torch
+
+from blockdiff.config import ModelConfig
+
+
+class KVCache:
+    def __init__(self, config: ModelConfig, batch: int, capacity: int,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
+        # Zeros, not empty: masked slots still enter the attention matmul and must be finite.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(batch, dtype=torch.long)  # valid entries per row (CPU)
+        self.capacity = capacity
+        self._slots: torch.Tensor | None = None  # (B, T) where this forward's tokens go
+        self._start: int | None = None  # the common start slot when every row has the same length
+        self.span = 0  # keys a forward attends over: max(lengths) + T
+
+    @property
+    def batch(self) -> int:
+        return self.lengths.shape[0]
+
+    def begin(self, num_new: int) -> None:
+        """Plan where a forward's `num_new` tokens are written; called once per forward."""
+        self.span = int(self.lengths.max()) + num_new
+        if self.span > self.capacity:
+            raise RuntimeError(f"KV cache overflow: need {self.span} slots, capacity {self.capacity}")
+        if bool((self.lengths == self.lengths[0]).all()):
+            self._start, self._slots = int(self.lengths[0]), None
+        else:
+            self._start = None
+            offsets = torch.arange(num_new)
+            self._slots = (self.lengths[:, None] + offsets).to(self.k.device)  # (B, T)
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, Hkv, T, D) keys/values in the planned slots; return the (B, Hkv, span, D) views."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if self._start is not None:
+            end = self._start + k_new.shape[2]
+            k_cache[:, :, self._start:end] = k_new
+            v_cache[:, :, self._start:end] = v_new
+        else:
+            index = self._slots[:, None, :, None].expand_as(k_new)  # (B, Hkv, T, D)
+            k_cache.scatter_(2, index, k_new)
+            v_cache.scatter_(2, index, v_new)
+        return k_cache[:, :, :self.span], v_cache[:, :, :self.span]
+
+    def advance(self, counts: torch.Tensor | list[int] | int) -> None:
+        """Make the first `counts[b]` tokens of the last forward part of row b's cache."""
+        self.lengths += torch.as_tensor(counts, dtype=torch.long)
+
+    def crop(self, lengths: torch.Tensor | list[int]) -> None:
+        lengths = torch.as_tensor(lengths, dtype=torch.long)
+        if bool((lengths > self.lengths).any()) or bool((lengths < 0).any()):
+            raise ValueError(f"crop can only shorten rows: {self.lengths.tolist()} -> {lengths.tolist()}")
+        self.lengths = lengths.clone()
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Drop finished sequences so later forwards skip them."""
+        index = torch.as_tensor(rows, dtype=torch.long)
+        self.k = self.k.index_select(1, index.to(self.k.device))
+        self.v = self.v.index_select(1, index.to(self.v.device))
+        self.lengths = self.lengths.index_select(0, index)

@@ -1,0 +1,143 @@
+"""The Llama / Mistral / Ministral-3 decoder: RMSNorm, GQA, SwiGLU, RoPE (YaRN, Llama-4 scaling).
+
+One forward serves every decoding mode; only the attention pattern and what the caller
+does with the cache afterwards differ (see kv_cache.py and attention_mask.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdiff.config import ModelConfig
+from blockdiff.model.attention_mask import Pattern, build_mask, pattern_matrix
+from blockdiff.model.kv_cache import KVCache
+from blockdiff.model.lora import AdaptableLinear
+from blockdiff.model.rope import Rotary, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference implementations do; bf16 variance loses bits.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = AdaptableLinear(cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+        self.k_proj = AdaptableLinear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+        self.v_proj = AdaptableLinear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+        self.o_proj = AdaptableLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+
+    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int, gate):
+        B, T, _ = x.shape
+        q = self.q_proj(x, gate).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_proj(x, gate).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = self.v_proj(x, gate).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        cos, sin, q_scale = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if q_scale is not None:
+            q = q * q_scale
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, Hkv, span, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y, gate)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = AdaptableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.up_proj = AdaptableLinear(cfg.hidden_size, cfg.intermediate_size)
+        self.down_proj = AdaptableLinear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x, gate):
+        return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, rope, mask, is_causal, cache, layer, gate):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer, gate)
+        return x + self.mlp(self.post_attention_layernorm(x), gate)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config.rope, config.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, pattern: Pattern = "causal",
+                adapter_gate: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden); call `logits` on the rows you need.
+
+        positions default to each row's cache length onward. With a cache, the new keys and
+        values are stored past the valid length; the caller commits them with cache.advance.
+        adapter_gate: (B, T) bool/0-1, which tokens use the draft adapter (None: none do).
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            cache.begin(T)
+            if positions is None:
+                positions = cache.lengths[:, None] + torch.arange(T)  # (B, T)
+            mask, is_causal = build_mask(pattern, cache.lengths, T, cache.span, self.device)
+        else:
+            if positions is None:
+                positions = torch.arange(T).expand(B, T)  # (B, T)
+            if isinstance(pattern, str) and pattern != "causal":
+                mask, is_causal = None, False
+            elif isinstance(pattern, str):
+                mask, is_causal = None, True
+            else:
+                within = pattern_matrix(pattern, T, self.device)
+                mask, is_causal = within.expand(B, T, T)[:, None], False  # (B, 1, T, T)
+        positions = positions.to(self.device)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype)
+        rope = (cos, sin, self.rotary.query_scale(positions, self.dtype))
+        gate = None
+        if adapter_gate is not None and bool(adapter_gate.any()):
+            gate = adapter_gate.to(self.device, self.dtype)[..., None]  # (B, T, 1)
+        x = self.embed_tokens(input_ids.to(self.device))  # (B, T, hidden)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, is_causal, cache, i, gate)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., vocab) float32 logits."""
+        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    def lora_modules(self) -> dict[str, AdaptableLinear]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, AdaptableLinear)}

@@ -1,0 +1,119 @@
+"""SamplingParams (what a caller asks for) and the one sampler every decoder shares."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
+
+
+class InvalidParameter(ValueError):
+    """A bad sampling parameter; `param` names it (the OpenAI error body's "param")."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SamplingParams:
+    mode: str = "ar"
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    min_p: float = 0.0
+    block_length: int = 32
+    threshold: float = 0.9  # diffusion: commit every masked slot at least this confident
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (self.mode in MODES, "mode", f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}"),
+            (_is_int(self.max_new_tokens) and self.max_new_tokens > 0, "max_new_tokens",
+             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
+            (_is_int(self.block_length) and 0 < self.block_length <= 1024, "block_length",
+             f"block_length must be an integer in [1, 1024], got {self.block_length!r}"),
+            (_is_num(self.threshold) and 0.0 <= self.threshold <= 1.0, "threshold",
+             f"threshold must be in [0, 1], got {self.threshold!r}"),
+            (_is_num(self.temperature) and self.temperature >= 0, "temperature",
+             f"temperature must be >= 0, got {self.temperature!r}"),
+            (_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p!r}"),
+            (_is_int(self.top_k) and self.top_k >= 0, "top_k", f"top_k must be an integer >= 0, got {self.top_k!r}"),
+            (_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p!r}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+        ]
+        for ok, param, message in checks:
+            if not ok:
+                raise InvalidParameter(param, message)
+
+    @classmethod
+    def check_names(cls, kwargs: dict) -> None:
+        allowed = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s) {unknown}; allowed: {', '.join(sorted(allowed))}")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+        cls.check_names(kwargs)
+        return cls(**kwargs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(..., V) logits -> (..., V) float64 probabilities after temperature, top-k, top-p, min-p."""
+    logits = logits.double() / max(params.temperature, 1e-5)
+    if params.top_k:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_p.cumsum(-1) - sorted_p > params.top_p  # keep the smallest set reaching top_p
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def gumbel_argmax(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Sample from (..., V) float64 probs with Gumbel noise in float64 (low precision hurts diffusion)."""
+    uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator, device=probs.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
+    return (probs.log() + gumbel).argmax(-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Pick tokens for (T, V) logits of one sequence.
+
+    Returns (tokens (T,), confidence (T,) = probability of each pick, probs (T, V) or None).
+    At temperature 0 the pick is the argmax and confidence its softmax probability.
+    """
+    if params.greedy:
+        tokens = logits.argmax(-1)
+        if not need_probs:
+            return tokens, None, None
+        probs = torch.softmax(logits.float(), dim=-1)
+        return tokens, probs.gather(-1, tokens[..., None])[..., 0], probs
+    probs = probabilities(logits, params)
+    tokens = gumbel_argmax(probs, generator)
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0], probs

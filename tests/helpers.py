@@ -1,0 +1,35 @@
+"""Small random models and sequences for tests (no files, no downloads)."""
+from __future__ import annotations
+
+import torch
+
+from blockdiff.config import ModelConfig, RopeConfig
+from blockdiff.decoding.run import decode
+from blockdiff.engine.sequence import Sequence
+from blockdiff.model.transformer import Transformer
+from blockdiff.sampling import SamplingParams
+
+
+def tiny_config(vocab: int = 32, **overrides) -> ModelConfig:
+    fields = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                  num_kv_heads=2, max_position_embeddings=512, mask_token_id=vocab - 1,
+                  rope=RopeConfig(theta=10000.0))
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def tiny_model(seed: int = 0, vocab: int = 32, sharpness: float = 3.0, **overrides) -> Transformer:
+    """A random model whose weights are scaled up so its predictions are confident, like a
+    trained model's, which makes draft acceptance and early stopping actually happen."""
+    torch.manual_seed(seed)
+    model = Transformer(tiny_config(vocab, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" not in name:
+                p.mul_(sharpness)
+    return model
+
+
+def run(model: Transformer, prompts: list[list[int]], eos: int | None = None, **params) -> list[Sequence]:
+    seqs = [Sequence(p, SamplingParams(**params), frozenset([eos] if eos is not None else [])) for p in prompts]
+    return decode(model, seqs, model.config.mask_token_id)

@@ -1,0 +1,87 @@
+"""The four decoders on random tiny models: losslessness, batch invariance, lengths, EOS."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import run, tiny_model
+
+MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), prompt_len=st.integers(1, 12), block=st.integers(1, 9),
+       max_new=st.integers(1, 40), eos=st.one_of(st.none(), st.integers(0, 11)), vocab=st.sampled_from([12, 24]))
+def test_spec_modes_equal_ar_at_temperature_zero(seed, prompt_len, block, max_new, eos, vocab):
+    model = tiny_model(seed, vocab=vocab)
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab - 1, (prompt_len,), generator=g).tolist()
+    ar = run(model, [prompt], eos, mode="ar", max_new_tokens=max_new)[0]
+    for mode in ["linear_spec", "quad_spec"]:
+        spec = run(model, [prompt], eos, mode=mode, max_new_tokens=max_new, block_length=block)[0]
+        assert spec.output_ids == ar.output_ids, mode
+        assert spec.finish_reason == ar.finish_reason
+        assert spec.metrics.tpf >= 0.5 if mode == "linear_spec" else spec.metrics.tpf >= 1.0
+
+
+def test_drafts_do_get_accepted_on_a_confident_model():
+    """Guards the test above against passing only because every draft is rejected."""
+    accepted = 0
+    for seed in range(6):
+        model = tiny_model(seed, vocab=12, sharpness=4.0)
+        for mode in ["linear_spec", "quad_spec"]:
+            seq = run(model, [[1, 2, 3]], mode=mode, max_new_tokens=40, block_length=6)[0]
+            accepted += seq.metrics.accepted_tokens
+            assert seq.metrics.accepted_by_position[0] >= seq.metrics.accepted_by_position[-1]
+    assert accepted > 20
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batch_gives_the_same_tokens_as_one_at_a_time(mode, temperature):
+    model = tiny_model(1, vocab=24)
+    prompts = [[1, 2, 3, 4, 5], [7], [3] * 13, [9, 8]]
+    kwargs = dict(mode=mode, max_new_tokens=21, block_length=5, temperature=temperature, seed=7)
+    batched = run(model, prompts, eos=4, **kwargs)
+    for prompt, seq in zip(prompts, batched):
+        alone = run(model, [prompt], eos=4, **kwargs)[0]
+        assert seq.output_ids == alone.output_ids
+        assert seq.metrics.nfe == alone.metrics.nfe
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("max_new,block", [(1, 4), (5, 4), (13, 4), (32, 32), (33, 32), (7, 1)])
+def test_max_new_tokens_need_not_be_a_multiple_of_the_block(mode, max_new, block):
+    model = tiny_model(2, vocab=24)
+    seq = run(model, [[1, 2, 3]], mode=mode, max_new_tokens=max_new, block_length=block)[0]
+    assert len(seq.output_ids) == max_new
+    assert seq.finish_reason == "length"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_generation_ends_at_the_first_eos(mode):
+    model = tiny_model(3, vocab=12)
+    free = run(model, [[1, 2]], mode=mode, max_new_tokens=30, block_length=8)[0].output_ids
+    eos = free[6]  # a token this mode emits: EOS is then reached at its first occurrence
+    seq = run(model, [[1, 2]], eos=eos, mode=mode, max_new_tokens=30, block_length=8)[0]
+    assert seq.finish_reason == "stop"
+    assert seq.output_ids == free[:free.index(eos) + 1]
+
+
+def test_diffusion_threshold_trades_steps_for_forwards():
+    model = tiny_model(4, vocab=24)
+    strict = run(model, [[1, 2, 3]], mode="diffusion", max_new_tokens=32, block_length=8, threshold=1.0)[0]
+    loose = run(model, [[1, 2, 3]], mode="diffusion", max_new_tokens=32, block_length=8, threshold=0.0)[0]
+    # threshold 1: one slot per pass (7 passes + 1 commit per block); threshold 0: one pass + commit
+    assert strict.metrics.nfe == 4 * 8 - 1 and loose.metrics.nfe == 4 * 2 - 1
+    assert loose.metrics.tpf > strict.metrics.tpf
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_sampling_is_reproducible_with_a_seed(mode):
+    model = tiny_model(5, vocab=24)
+    a = run(model, [[1, 2]], mode=mode, max_new_tokens=20, temperature=1.0, seed=3, block_length=4)[0]
+    b = run(model, [[1, 2]], mode=mode, max_new_tokens=20, temperature=1.0, seed=3, block_length=4)[0]
+    c = run(model, [[1, 2]], mode=mode, max_new_tokens=20, temperature=1.0, seed=4, block_length=4)[0]
+    assert a.output_ids == b.output_ids
+    assert a.output_ids != c.output_ids

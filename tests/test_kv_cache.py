@@ -1,0 +1,86 @@
+"""Cache invariants, each checked against a full recompute without a cache."""
+import pytest
+import torch
+
+from blockdiff.model.kv_cache import KVCache
+from helpers import tiny_model
+
+
+def full_logits(model, tokens):
+    return model.logits(model(torch.tensor([tokens])))[0]  # (T, V), causal, no cache
+
+
+@pytest.fixture
+def model():
+    return tiny_model(0, vocab=40)
+
+
+def new_cache(model, batch=1):
+    return KVCache(model.config, batch, 128)
+
+
+@torch.inference_mode()
+def test_append_matches_full_recompute(model):
+    tokens = list(range(1, 21))
+    cache = new_cache(model)
+    first = model.logits(model(torch.tensor([tokens[:12]]), cache=cache)); cache.advance(12)
+    pieces = [first[0]]
+    for t in tokens[12:]:
+        pieces.append(model.logits(model(torch.tensor([[t]]), cache=cache))[0]); cache.advance(1)
+    torch.testing.assert_close(torch.cat(pieces), full_logits(model, tokens), atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_attend_without_write_leaves_no_trace(model):
+    prompt, block, tail = [3, 4, 5, 6, 7], [39, 39, 39, 39], [8, 9, 10]
+    cache = new_cache(model)
+    model(torch.tensor([prompt]), cache=cache); cache.advance(len(prompt))
+    before = (cache.k.clone(), cache.v.clone(), cache.lengths.clone())
+    hidden = model(torch.tensor([block]), cache=cache, pattern="bidirectional")
+    assert torch.equal(cache.lengths, before[2])
+    n = len(prompt)
+    assert torch.equal(cache.k[:, :, :, :n], before[0][:, :, :, :n])
+    # the block saw the prompt and itself, bidirectionally: compare with an explicit full mask
+    T = n + len(block)
+    sees = torch.ones(T, T, dtype=torch.bool).tril()
+    sees[n:, n:] = True
+    reference = model(torch.tensor([prompt + block]), pattern=sees)[0, n:]
+    torch.testing.assert_close(hidden[0], reference, atol=1e-5, rtol=1e-5)
+    # and the next causal tokens behave as if the block never happened
+    logits = model.logits(model(torch.tensor([tail]), cache=cache))[0]
+    torch.testing.assert_close(logits, full_logits(model, prompt + tail)[n:], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_crop_rolls_back_rejected_tokens(model):
+    prompt, guess, tail = [1, 2, 3, 4], [20, 21, 22, 23, 24, 25], [30, 31]
+    cache = new_cache(model)
+    model(torch.tensor([prompt + guess]), cache=cache); cache.advance(len(prompt + guess))
+    keep = len(prompt) + 2
+    cache.crop([keep])
+    logits = model.logits(model(torch.tensor([tail]), cache=cache))[0]
+    expected = full_logits(model, prompt + guess[:2] + tail)[keep:]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="only shorten"):
+        cache.crop([keep + 1])
+
+
+@torch.inference_mode()
+def test_ragged_rows_each_match_their_own_recompute(model):
+    rows = [[1, 2, 3, 4, 5, 6, 7], [8, 9, 10]]
+    cache = new_cache(model, batch=2)
+    padded = torch.tensor([rows[0], rows[1] + [0] * 4])
+    model(padded, cache=cache); cache.advance([7, 3])
+    step = torch.tensor([[11, 12], [13, 14]])
+    logits = model.logits(model(step, cache=cache))  # (2, 2, V)
+    for row in range(2):
+        expected = full_logits(model, rows[row] + step[row].tolist())[-2:]
+        torch.testing.assert_close(logits[row], expected, atol=1e-5, rtol=1e-5)
+    cache.keep_rows([1])
+    assert cache.lengths.tolist() == [3]
+
+
+def test_overflow_is_an_error(model):
+    cache = KVCache(model.config, 1, 8)
+    with pytest.raises(RuntimeError, match="overflow"):
+        model(torch.tensor([list(range(9))]), cache=cache)

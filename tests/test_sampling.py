@@ -1,0 +1,74 @@
+"""SamplingParams validation and the samplers' statistics."""
+import pytest
+import torch
+
+from blockdiff.decoding.verify import accept
+from blockdiff.sampling import InvalidParameter, SamplingParams, probabilities, sample
+
+
+@pytest.mark.parametrize("kwargs,param", [
+    (dict(mode="fast"), "mode"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=-3), "max_new_tokens"), (dict(block_length=0), "block_length"),
+    (dict(block_length=4096), "block_length"), (dict(threshold=1.5), "threshold"),
+    (dict(threshold=-0.1), "threshold"), (dict(temperature=-1.0), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=2.5), "max_new_tokens"),
+])
+def test_bad_parameters_name_themselves(kwargs, param):
+    with pytest.raises(InvalidParameter, match=param) as err:
+        SamplingParams(**kwargs)
+    assert err.value.param == param
+
+
+def test_unknown_mode_lists_the_allowed_ones():
+    with pytest.raises(ValueError, match="ar, diffusion, linear_spec, quad_spec"):
+        SamplingParams(mode="turbo")
+
+
+def test_unknown_keyword_is_a_value_error():
+    with pytest.raises(ValueError, match="unknown sampling parameter.*tempurature"):
+        SamplingParams.from_kwargs(tempurature=0.5)
+
+
+def test_filters_keep_the_right_tokens():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
+    assert (probabilities(logits, SamplingParams(temperature=1.0, top_k=2))[0, 2:] == 0).all()
+    p = probabilities(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert p[0, 0] > 0 and p[0, 1] > 0 and (p[0, 2:] == 0).all()  # 0.64 < 0.7, so two are needed
+    p = probabilities(logits, SamplingParams(temperature=1.0, min_p=0.3))
+    assert (p[0, 2:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0, dtype=torch.float64))
+
+
+def test_gumbel_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(20000, 3)
+    g = torch.Generator().manual_seed(0)
+    tokens, _, _ = sample(logits, SamplingParams(temperature=1.0), g)
+    freq = torch.bincount(tokens, minlength=3).double() / 20000
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.015, rtol=0)
+
+
+def test_rejection_rule_keeps_the_target_distribution():
+    """Drafts from a wrong q, verified against p: emitted tokens must follow p."""
+    V, N = 4, 20000
+    g = torch.Generator().manual_seed(1)
+    params = SamplingParams(temperature=1.0)
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    q = torch.tensor([0.4, 0.4, 0.1, 0.1], dtype=torch.float64)
+    target_logits = torch.log(torch.stack([p, p]))  # (K+1, V) with K = 1 draft
+    counts = torch.zeros(V)
+    accepted_total = 0
+    for _ in range(N):
+        draft = torch.multinomial(q, 1, generator=g)
+        accepted, bonus = accept(draft, q[None], target_logits, params, g)
+        first = int(draft[0]) if accepted else bonus
+        counts[first] += 1
+        accepted_total += accepted
+    torch.testing.assert_close(counts.double() / N, p, atol=0.015, rtol=0)
+    # acceptance rate is sum(min(p, q)) = 0.1 + 0.2 + 0.1 + 0.1
+    assert abs(accepted_total / N - 0.5) < 0.02
+
+
+def test_greedy_acceptance_is_the_longest_agreeing_prefix():
+    target = torch.nn.functional.one_hot(torch.tensor([5, 6, 9, 8]), 10).float()  # AR says 5 6 9 8
+    assert accept(torch.tensor([5, 6, 7]), None, target, SamplingParams(), None) == (2, 9)
+    assert accept(torch.tensor([5, 6, 9]), None, target, SamplingParams(), None) == (3, 8)
+    assert accept(torch.tensor([1, 6, 9]), None, target, SamplingParams(), None) == (0, 5)
