@@ -8,6 +8,7 @@ from blockdiff.decoding.run import decode
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import SamplingParams
+from blockdiff.tokenizer import Tokenizer
 
 
 def tiny_config(vocab: int = 32, **overrides) -> ModelConfig:
@@ -33,3 +34,16 @@ def tiny_model(seed: int = 0, vocab: int = 32, sharpness: float = 3.0, **overrid
 def run(model: Transformer, prompts: list[list[int]], eos: int | None = None, **params) -> list[Sequence]:
     seqs = [Sequence(p, SamplingParams(**params), frozenset([eos] if eos is not None else [])) for p in prompts]
     return decode(model, seqs, model.config.mask_token_id)
+
+
+def tiny_tokenizer() -> Tokenizer:
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["the cat sat on the mat", "def main():\n    return 0", "hello there"] * 5, trainer)
+    template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+    return Tokenizer(tok, template, "<s>", ["</s>"])

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blockdiff.errors import CheckpointError
@@ -35,7 +35,7 @@ def load_adapter(model: Transformer, path: str | Path) -> dict:
         raise CheckpointError(f"{config_file}: not a LoRA adapter config ({e})") from None
     try:
         tensors = load_file(str(weights_file))
-    except (SafetensorsError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_file}: unreadable safetensors file ({e})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():

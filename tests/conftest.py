@@ -1,0 +1,36 @@
+"""Session fixtures: the embedded default model, loaded once, by us and by transformers."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers.py directly
+torch.set_flush_denormal(True)
+
+
+@pytest.fixture(scope="session")
+def gguf_path() -> str:
+    from blockdiff.model.registry import smollm2_gguf_path
+    return str(smollm2_gguf_path())
+
+
+@pytest.fixture(scope="session")
+def hf_model(gguf_path):
+    """transformers' own GGUF loading and LlamaForCausalLM: an implementation no one here wrote."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(gguf_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path))
+
+
+@pytest.fixture(scope="session")
+def default_llm():
+    """The default model in float32, where spec modes are exactly lossless."""
+    from blockdiff import LLM
+    return LLM(dtype="float32")
