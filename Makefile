@@ -15,9 +15,9 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m blockdiff.cli compare "The capital of France is" --max-new-tokens 48
-	$(PY) -m blockdiff.cli compare "def fibonacci(n):" --max-new-tokens 64
-	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 48
+	$(PY) -m blockdiff.cli compare "The capital of France is" --max-new-tokens 32 --quad-block-length 8
+	$(PY) -m blockdiff.cli compare "def fibonacci(n):" --max-new-tokens 32 --quad-block-length 8
+	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 32 --quad-block-length 8
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -1,7 +1,10 @@
-"""Command line: `blockdiff generate` and `blockdiff compare`."""
+"""Command line: `blockdiff generate`, `blockdiff compare`, and the subcommands that the
+server, training and benchmark packages register (each module in COMMAND_MODULES has
+`register(subparsers)`, which adds its parser with `set_defaults(func=...)`)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -25,29 +28,42 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
 
 
+COMMAND_MODULES: list[str] = []  # e.g. "blockdiff.server.commands"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="blockdiff", description=__doc__)
+    parser = argparse.ArgumentParser(prog="blockdiff", description="blockdiff: one checkpoint, four decoding modes")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="decode one prompt in one mode")
     _add_model_args(gen)
     gen.add_argument("--mode", default="ar", choices=MODES)
     gen.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, metrics")
+    gen.set_defaults(func=cmd_generate)
     cmp_ = sub.add_parser("compare", help="decode one prompt in every mode and tabulate the metrics")
     _add_model_args(cmp_)
     cmp_.add_argument("--modes", default=",".join(MODES))
+    cmp_.add_argument("--quad-block-length", type=int, default=None,
+                      help="block length for quad_spec, whose fused pass costs L*(L+1) tokens (default: --block-length)")
+    cmp_.set_defaults(func=cmd_compare)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
     return parser
 
 
 def _params(args, mode: str) -> SamplingParams:
+    block = args.block_length
+    if mode == "quad_spec" and getattr(args, "quad_block_length", None):
+        block = args.quad_block_length
     return SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=args.top_p, top_k=args.top_k, block_length=args.block_length,
+                          top_p=args.top_p, top_k=args.top_k, block_length=block,
                           threshold=args.threshold, seed=args.seed)
 
 
 def _run(llm, args, mode: str):
     params = _params(args, mode)
     prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
-    return (llm.chat(prompt, params) if args.chat else llm.generate(prompt, params))[0]
+    show_bar = sys.stderr.isatty()  # a progress bar for people, not for logs and pipes
+    return (llm.chat(prompt, params, use_tqdm=show_bar) if args.chat else llm.generate(prompt, params, use_tqdm=show_bar))[0]
 
 
 def cmd_generate(args) -> None:
@@ -92,7 +108,7 @@ def cmd_compare(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"generate": cmd_generate, "compare": cmd_compare}[args.command](args)
+        args.func(args)
     except (ValueError, OSError) as e:  # bad input: one clear line, no traceback
         print(f"blockdiff: error: {e}", file=sys.stderr)
         return 2

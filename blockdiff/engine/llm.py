@@ -57,6 +57,7 @@ class LLM:
         self.adapter = adapter or source.adapter
         if self.adapter:
             load_adapter(self.model, self.adapter)
+        self.model.prepare_for_inference()
         self.model_path = source.path
         self.max_batch_size = max_batch_size
 

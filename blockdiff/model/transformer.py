@@ -12,7 +12,7 @@ from torch import nn
 from blockdiff.config import ModelConfig
 from blockdiff.model.attention_mask import Pattern, build_mask, pattern_matrix
 from blockdiff.model.kv_cache import KVCache
-from blockdiff.model.lora import AdaptableLinear
+from blockdiff.model.lora import AdaptableLinear, pack_for_cpu, packed_linear
 from blockdiff.model.rope import Rotary, apply_rotary
 
 
@@ -89,6 +89,14 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.rope, config.head_dim)
+        self._packed_head: torch.Tensor | None = None
+
+    def prepare_for_inference(self) -> None:
+        """Pack bf16 CPU weights for fast matmuls. Call again after changing weights;
+        training must not use it (the packed copies do not follow the parameters)."""
+        for module in self.lora_modules().values():
+            module.pack()
+        self._packed_head = pack_for_cpu(self.head_weight)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -134,10 +142,15 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, is_causal, cache, i, gate)
         return self.norm(x)
 
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., vocab) float32 logits."""
-        head = self.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        if self._packed_head is not None:
+            return packed_linear(hidden, self._packed_head).float()
+        return F.linear(hidden, self.head_weight).float()
 
     def lora_modules(self) -> dict[str, AdaptableLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, AdaptableLinear)}
