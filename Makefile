@@ -20,7 +20,7 @@ demo: $(VENV_STAMP)
 	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 32 --quad-block-length 8
 
 test: $(VENV_STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q tests
 
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/modes.py

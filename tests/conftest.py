@@ -34,3 +34,9 @@ def default_llm():
     """The default model in float32, where spec modes are exactly lossless."""
     from blockdiff import LLM
     return LLM(dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> str:
+    from helpers import save_tiny_checkpoint
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")

@@ -14,7 +14,7 @@ from blockdiff.tokenizer import Tokenizer
 def tiny_config(vocab: int = 32, **overrides) -> ModelConfig:
     fields = dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
                   num_kv_heads=2, max_position_embeddings=512, mask_token_id=vocab - 1,
-                  rope=RopeConfig(theta=10000.0))
+                  rope=RopeConfig(theta=10000.0), tie_word_embeddings=False)
     fields.update(overrides)
     return ModelConfig(**fields)
 
@@ -47,3 +47,15 @@ def tiny_tokenizer() -> Tokenizer:
     tok.train_from_iterator(["the cat sat on the mat", "def main():\n    return 0", "hello there"] * 5, trainer)
     template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
     return Tokenizer(tok, template, "<s>", ["</s>"])
+
+
+def save_tiny_checkpoint(path, fmt: str = "llama", seed: int = 0, dtype=torch.float32, **overrides) -> str:
+    """A random-weight model with a real (tiny) BPE tokenizer, saved as an HF/NLD directory."""
+    from blockdiff.model.checkpoint import save_checkpoint
+    tokenizer = tiny_tokenizer()
+    config = tiny_config(vocab=300, bos_token_id=1, eos_token_ids=[2], mask_token_id=3,
+                         max_position_embeddings=256, **overrides)
+    model = tiny_model(seed, vocab=300, bos_token_id=1, eos_token_ids=[2], mask_token_id=3,
+                       max_position_embeddings=256, **overrides)
+    state = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    return save_checkpoint((config, state, tokenizer), path, format=fmt)
