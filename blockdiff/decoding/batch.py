@@ -41,7 +41,11 @@ class DecodeBatch:
         """Sample (T, V) logits of one row with that sequence's own generator, so a sequence's
         tokens do not depend on which other sequences share the batch."""
         seq = self.seqs[row]
-        return sample(logits, seq.params, seq.generator, need_probs)
+        if not seq.params.greedy:
+            logits = logits.cpu()  # the float64 Gumbel noise comes from the sequence's CPU generator
+        tokens, confidence, probs = sample(logits, seq.params, seq.generator, need_probs)
+        # the decoders keep token bookkeeping on the CPU, whatever device the model is on
+        return tokens.cpu(), None if confidence is None else confidence.cpu(), probs
 
     def pending_tokens(self) -> torch.Tensor:
         return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
@@ -64,6 +68,19 @@ class DecodeBatch:
             if keep:
                 self.cache.keep_rows(keep)
         return done
+
+    def merge(self, other: "DecodeBatch") -> None:
+        """Take over `other`'s sequences and cache rows (same mode and block length), so that
+        newcomers prefilled on their own join the running batch's next step."""
+        if other.block_length != self.block_length:
+            raise ValueError(f"cannot merge block_length {other.block_length} into {self.block_length}")
+        self.seqs.extend(other.seqs)
+        self.cache.merge(other.cache)
+
+    def abort(self, seq: Sequence) -> None:
+        """End a sequence early (its client left); the next `retire` frees its row."""
+        if not seq.finished:
+            seq.finish_reason = "abort"
 
     def prefill(self) -> None:
         """Causal pass over the (right-padded) prompts; emits each sequence's first token."""

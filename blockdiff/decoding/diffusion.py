@@ -40,7 +40,8 @@ def step(batch: DecodeBatch) -> None:
             needed[row, slots[commit]] = False
             # stop early once a stop token is decoded with no MASK left of it
             filled = int(needed[row].nonzero()[0, 0]) if needed[row].any() else int(end[row])
-            stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids]
+            stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids
+                     and seq.may_stop(len(seq.output_ids) + i)]
             if stops:
                 end[row] = stops[0] + 1
             active[row] = not stops and bool(needed[row].any())

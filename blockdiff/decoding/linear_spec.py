@@ -33,15 +33,7 @@ def step(batch: DecodeBatch) -> None:
     hidden = batch.forward(candidate, "causal")  # writes keys/values past each row's length
     target_logits = batch.model.logits(hidden)  # (B, L, V): shifted, slot i predicts slot i+1
     advance = []
-    for row, seq in enumerate(batch.seqs):
-        accepted, bonus = verify.accept(drafts[row], draft_probs[row], target_logits[row],
-                                        seq.params, seq.generator)
-        kept = batch.emit(row, drafts[row][:accepted].tolist() + [bonus])
-        seq.metrics.record_draft(L - 1, accepted)
-        seq.metrics.steps += 1
-        seq.metrics.verify_steps += 1
-        seq.metrics.committed_in_verify += kept
-        if batch.on_event:
-            batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": L - 1})
+    for row in range(B):
+        accepted = verify.verify_row(batch, row, drafts[row], draft_probs[row], target_logits[row])
         advance.append(1 + accepted)  # the pending token and the confirmed drafts
     batch.cache.advance(advance)

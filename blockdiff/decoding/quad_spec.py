@@ -84,14 +84,7 @@ def step(batch: DecodeBatch) -> None:
     target_logits = batch.model.logits(hidden[:, :L])  # (B, L, V): anchor i predicts the slot after it
     advance = []
     for row, seq in enumerate(batch.seqs):
-        accepted, bonus = verify.accept(seq.draft, seq.draft_probs, target_logits[row], seq.params, seq.generator)
-        kept = batch.emit(row, seq.draft[:accepted].tolist() + [bonus])
-        seq.metrics.record_draft(L - 1, accepted)
-        seq.metrics.steps += 1
-        seq.metrics.verify_steps += 1
-        seq.metrics.committed_in_verify += kept
-        if batch.on_event:
-            batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": L - 1})
+        accepted = verify.verify_row(batch, row, seq.draft, seq.draft_probs, target_logits[row])
         advance.append(1 + accepted)  # anchors d_0..d_a are exact causal entries
         # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot
         first = L + accepted * L

@@ -19,11 +19,11 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
     Returns (number of drafts accepted, the token that follows them)."""
     K = drafts.shape[0]
     if params.greedy:
-        ar = target_logits.argmax(-1)  # (K+1,)
+        ar = target_logits.argmax(-1).cpu()  # (K+1,)
         agree = (ar[:K] == drafts).long()
         accepted = int(agree.cumprod(0).sum())
         return accepted, int(ar[accepted])
-    p = probabilities(target_logits, params)  # (K+1, V)
+    p = probabilities(target_logits.cpu(), params)  # (K+1, V), beside the CPU generator
     index = drafts[:, None]
     ratio = p[:K].gather(1, index)[:, 0] / draft_probs.gather(1, index)[:, 0].clamp_min(1e-300)  # (K,)
     u = torch.rand(K, dtype=torch.float64, generator=generator)
@@ -33,3 +33,19 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
             residual = residual / residual.sum() if residual.sum() > 0 else p[i]
             return i, int(gumbel_argmax(residual, generator))
     return K, int(gumbel_argmax(p[K], generator))
+
+
+def verify_row(batch, row: int, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
+               target_logits: torch.Tensor) -> int:
+    """Accept one sequence's drafts, emit them and the bonus token, and record the step.
+    Returns how many drafts were accepted."""
+    seq = batch.seqs[row]
+    accepted, bonus = accept(drafts, draft_probs, target_logits, seq.params, seq.generator)
+    kept = batch.emit(row, drafts[:accepted].tolist() + [bonus])
+    seq.metrics.record_draft(len(drafts), accepted)
+    seq.metrics.steps += 1
+    seq.metrics.verify_steps += 1
+    seq.metrics.committed_in_verify += kept
+    if batch.on_event:
+        batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": len(drafts)})
+    return accepted
