@@ -43,15 +43,17 @@ def hf_baseline(llm: LLM):
     return model.to(llm.model.dtype).eval()
 
 
-def run_hf(model, llm: LLM, prompts: list[list[int]], max_new: int) -> dict:
-    tokens, wall = 0, 0.0
+def run_hf(model, llm: LLM, prompts: list[list[int]], max_new: int, reference=None) -> dict:
+    tokens, wall, outputs = 0, 0.0, []
     for ids in prompts:
         start = time.perf_counter()
         out = model.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False,
                              eos_token_id=llm.tokenizer.eos_token_ids, pad_token_id=llm.tokenizer.eos_token_ids[0])
         wall += time.perf_counter() - start
-        tokens += out.shape[1] - len(ids)
-    return {"mode": "hf generate()", "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+        outputs.append(out[0, len(ids):].tolist())
+        tokens += len(outputs[-1])
+    same = None if reference is None else sum(o == r.token_ids for o, r in zip(outputs, reference))
+    return {"mode": "hf generate()", "tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "same_as_ar": same}
 
 
 def run_mode(llm: LLM, prompts: list[list[int]], params: SamplingParams, reference=None) -> dict:
@@ -115,6 +117,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    ap.add_argument("--repeats", type=int, default=1, help="round-robin repeats; the fastest run counts")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
@@ -124,19 +127,24 @@ def main() -> None:
     warm = SamplingParams(max_new_tokens=8)
     llm.generate(prompts[0], warm, use_tqdm=False)  # first-call kernel set-up is not decoding speed
 
-    rows, results, reference = [], [], None
+    runs = []
     for mode in args.modes.split(","):
         block = args.quad_block_length or args.block_length if mode == "quad_spec" else args.block_length
         params = SamplingParams(mode=mode, max_new_tokens=args.max_new_tokens, block_length=block,
                                 threshold=args.threshold)
-        r = run_mode(llm, prompts, params, reference)
-        if mode == "ar":
-            reference = r["outputs"]
-        results.append(r)
+        runs.append((mode, lambda params=params, ref=None: run_mode(llm, prompts, params, ref)))
     if not args.no_hf:
         hf = hf_baseline(llm)
         run_hf(hf, llm, prompts[:1], 8)  # warm-up
-        results.append(run_hf(hf, llm, prompts, args.max_new_tokens))
+        runs.append(("hf generate()", lambda ref=None: run_hf(hf, llm, prompts, args.max_new_tokens, ref)))
+    # Round-robin repeats spread the machine's noise over every mode; each keeps its fastest run.
+    best: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, fn in runs:
+            r = fn(ref=best["ar"]["outputs"] if "ar" in best and name != "ar" else None)
+            if name not in best or r["wall_s"] < best[name]["wall_s"]:
+                best[name] = r
+    results, rows = list(best.values()), []
     ar_speed = next((r["tok_s"] for r in results if r["mode"] == "ar"), None)
     for r in results:
         fmt = lambda k, spec=".2f": "-" if r.get(k) is None else format(r[k], spec)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.config import ModelConfig
-from blockdiff.model.attention_mask import Pattern, build_mask, pattern_matrix
+from blockdiff.model.attention_mask import Pattern, build_mask
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, pack_for_cpu, packed_linear
 from blockdiff.model.rope import Rotary, apply_rotary
@@ -116,21 +116,13 @@ class Transformer(nn.Module):
         adapter_gate: (B, T) bool/0-1, which tokens use the draft adapter (None: none do).
         """
         B, T = input_ids.shape
+        lengths = torch.zeros(B, dtype=torch.long) if cache is None else cache.lengths
         if cache is not None:
             cache.begin(T)
-            if positions is None:
-                positions = cache.lengths[:, None] + torch.arange(T)  # (B, T)
-            mask, is_causal = build_mask(pattern, cache.lengths, T, cache.span, self.device)
-        else:
-            if positions is None:
-                positions = torch.arange(T).expand(B, T)  # (B, T)
-            if isinstance(pattern, str) and pattern != "causal":
-                mask, is_causal = None, False
-            elif isinstance(pattern, str):
-                mask, is_causal = None, True
-            else:
-                within = pattern_matrix(pattern, T, self.device)
-                mask, is_causal = within.expand(B, T, T)[:, None], False  # (B, 1, T, T)
+        if positions is None:
+            positions = lengths[:, None] + torch.arange(T)  # (B, T)
+        span = T if cache is None else cache.span
+        mask, is_causal = build_mask(pattern, lengths, T, span, self.device)
         positions = positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         rope = (cos, sin, self.rotary.query_scale(positions, self.dtype))
