@@ -30,6 +30,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     seed: int | None = None
+    min_tokens: int = 0  # stop tokens and stop strings do not end a sequence shorter than this
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -48,6 +49,8 @@ class SamplingParams:
             (_is_int(self.top_k) and self.top_k >= 0, "top_k", f"top_k must be an integer >= 0, got {self.top_k!r}"),
             (_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p!r}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"),
+            (_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+             f"min_tokens must be an integer >= 0, got {self.min_tokens!r}"),
         ]
         for ok, param, message in checks:
             if not ok:

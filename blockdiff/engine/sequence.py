@@ -45,6 +45,11 @@ class Sequence:
     def remaining(self) -> int:
         return self.params.max_new_tokens - len(self.output_ids)
 
+    def may_stop(self, length: int) -> bool:
+        """min_tokens (vLLM's field): before `length` reaches it, stop tokens are kept as ordinary
+        tokens and stop strings are not searched for; only max_new_tokens ends the sequence."""
+        return length >= self.params.min_tokens
+
     def append(self, tokens: list[int]) -> int:
         """Emit tokens in order until one ends the sequence; returns how many were kept."""
         kept = 0
@@ -55,11 +60,11 @@ class Sequence:
                 self.metrics.ttft_s = time.perf_counter() - self.start_time
             self.output_ids.append(token)
             kept += 1
-            if token in self.stop_ids:
+            if token in self.stop_ids and self.may_stop(len(self.output_ids)):
                 self.finish_reason = "stop"
             elif self.remaining <= 0:
                 self.finish_reason = "length"
-        if kept and self.params.stop:
+        if kept and self.params.stop and self.may_stop(len(self.output_ids)):
             self._check_stop_strings(kept)
         self.metrics.generated_tokens = len(self.output_ids)
         if self.finished:

@@ -71,3 +71,21 @@ class KVCache:
         self.k = self.k.index_select(1, index.to(self.k.device))
         self.v = self.v.index_select(1, index.to(self.v.device))
         self.lengths = self.lengths.index_select(0, index)
+
+    def merge(self, other: "KVCache") -> None:
+        """Append `other`'s rows below this cache's (continuous batching admits newcomers this way).
+
+        The merged capacity is the larger of the two; the shorter cache is zero-padded, which
+        is safe because slots past a row's valid length are never attended to.
+        """
+        capacity = max(self.capacity, other.capacity)
+        self.k = torch.cat([_pad_slots(self.k, capacity), _pad_slots(other.k.to(self.k.device), capacity)], dim=1)
+        self.v = torch.cat([_pad_slots(self.v, capacity), _pad_slots(other.v.to(self.v.device), capacity)], dim=1)
+        self.lengths = torch.cat([self.lengths, other.lengths])
+        self.capacity = capacity
+
+
+def _pad_slots(x: torch.Tensor, capacity: int) -> torch.Tensor:
+    """(layers, B, Hkv, C, D) -> (layers, B, Hkv, capacity, D), zeros after the old slots."""
+    extra = capacity - x.shape[3]
+    return torch.nn.functional.pad(x, (0, 0, 0, extra)) if extra > 0 else x

@@ -1,0 +1,60 @@
+"""One request as the serving engine sees it: its Sequence, how to tell the caller about
+progress, and the timestamps the server's latency metrics are made of."""
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from blockdiff.engine.sequence import Sequence
+
+_ids = itertools.count()
+
+
+@dataclass
+class Update:
+    """A snapshot handed from the engine thread to the caller; never shared mutable state."""
+    token_ids: list[int]  # every token emitted so far (a stop string may have cut earlier ones)
+    new_tokens: int  # how many tokens this step committed for the request
+    finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
+    stop_text_end: int | None = None
+    metrics: dict | None = None  # Metrics.to_dict() once finished
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    seq: Sequence
+    on_update: Callable[[Update], None]  # called on the engine thread; must not block
+    suffix_ids: list[int] | None = None  # fill-in-the-middle: the tokens after the gap
+    id: int = field(default_factory=lambda: next(_ids))
+    arrival: float = field(default_factory=time.perf_counter)
+    scheduled: float | None = None  # when the engine admitted it (queue time ends)
+    last_commit: float | None = None
+    sent: int = 0  # tokens already reported
+    aborted: bool = False  # set from any thread; the engine acts on it before its next step
+    done: bool = False
+
+    @property
+    def group(self) -> tuple:
+        """Requests in one group share a DecodeBatch; infilling runs alone."""
+        if self.suffix_ids is not None:
+            return ("infill", self.id)
+        return (self.seq.params.mode, self.seq.params.block_length)
+
+    def report(self, error: str | None = None) -> Update | None:
+        """Tell the caller what changed since the last report; returns the update sent."""
+        if self.done:
+            return None
+        seq = self.seq
+        new = len(seq.output_ids) - self.sent
+        reason = "error" if error else seq.finish_reason
+        if new <= 0 and reason is None:
+            return None
+        self.sent = len(seq.output_ids)
+        self.done = reason is not None
+        metrics = {**seq.metrics.to_dict(), "verify_steps": seq.metrics.verify_steps} if self.done else None
+        update = Update(list(seq.output_ids), max(new, 0), reason, seq.stop_text_end, metrics, error)
+        self.on_update(update)
+        return update

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server: `blockdiff serve` (see docs/serving.md)."""

@@ -1,0 +1,162 @@
+"""The FastAPI app: routes, authentication, body limits and OpenAI-shaped errors.
+
+`build_app(llm, config)` wires an already loaded LLM to a new Engine; the engine thread
+starts with the app and stops when uvicorn shuts down (after in-flight requests had
+`graceful_timeout_s` to finish; whatever is left then ends with a clean error).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import blockdiff
+from blockdiff.engine.scheduler import Engine, EngineConfig
+from blockdiff.server.config import ServerConfig
+from blockdiff.server.errors import TYPES, APIError, error_body, from_validation_error
+from blockdiff.server.handlers import Call, complete, stream
+from blockdiff.server.metrics import ServerMetrics
+from blockdiff.server.prepare import prepare_chat, prepare_completion
+from blockdiff.server.protocol import ChatRequest, CompletionRequest
+
+log = logging.getLogger("blockdiff.server")
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object; 413 past `limit` bytes (checked before reading it all)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body is {declared} bytes; the limit is {limit}", None, "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", None, "body_too_large")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the body must be a JSON object", None, "invalid_json")
+    return data
+
+
+def build_app(llm, config: ServerConfig) -> FastAPI:
+    name = config.model_name()
+    engine = Engine(llm.model, llm.config.mask_token_id,
+                    EngineConfig(config.max_running_requests, config.max_queue))
+    metrics = ServerMetrics(name, engine)
+    engine.observer = metrics.observe
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        log.info("serving %s (default mode %s) on %s:%s", name, config.mode, config.host, config.port)
+        yield
+        engine.stop()
+
+    app = FastAPI(title="blockdiff", version=getattr(blockdiff, "__version__", "0"),
+                  lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.llm, app.state.config = engine, metrics, llm, config
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return APIError(400, str(e.errors()[0].get("msg")), None, "invalid_value").response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        return JSONResponse(error_body(str(e.detail), TYPES.get(e.status_code, "invalid_request_error")),
+                            status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(error_body("internal server error", "server_error"), status_code=500)
+
+    @app.middleware("http")
+    async def authenticate(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {config.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                return APIError(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                                None, "invalid_api_key").response()
+        return await call_next(request)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != name:
+            raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
+                           "model", "model_not_found")
+
+    async def parse(request: Request, schema):
+        body = await read_json(request, config.max_body_bytes)
+        try:
+            req = schema.model_validate(body)
+        except ValidationError as e:
+            raise from_validation_error(e) from None
+        check_model(req.model)
+        return req
+
+    async def answer(request: Request, call: Call, prepared, streaming: bool):
+        if streaming:
+            return stream(engine, llm, call, prepared)
+        return await complete(request, engine, llm, call, prepared)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        prepared = prepare_completion(llm, req, config)
+        return await answer(request, Call("completion", name, req.return_token_ids, req.include_usage),
+                            prepared, req.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await parse(request, ChatRequest)
+        prepared = [prepare_chat(llm, req, config)]
+        return await answer(request, Call("chat", name, req.return_token_ids, req.include_usage),
+                            prepared, req.stream)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": name, "object": "model", "created": int(metrics.started),
+                                            "owned_by": "blockdiff", "root": llm.model_path,
+                                            "max_model_len": llm.max_context}]}
+
+    @app.get("/health")
+    async def health():
+        if not engine.alive:
+            return JSONResponse(error_body(engine.error or "the engine is not running", "service_unavailable"),
+                                status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/get_server_info")
+    async def server_info():
+        uptime = time.time() - metrics.started
+        return {"model_path": llm.model_path, "served_model_name": name, "default_mode": config.mode,
+                "block_length": config.block_length, "threshold": config.threshold,
+                "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
+                "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
+                "internal_states": [{"avg_spec_accept_length": metrics.avg_spec_accept_length,
+                                     "num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
+                                     "finished_requests": metrics.finished_requests,
+                                     "generated_tokens": metrics.generated_tokens,
+                                     "avg_gen_throughput": metrics.generated_tokens / uptime if uptime else 0.0}]}
+
+    return app

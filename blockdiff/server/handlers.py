@@ -1,0 +1,185 @@
+"""Run prepared prompts on the engine and answer: one JSON body, or an SSE stream.
+
+The engine thread reports each request's progress through loop.call_soon_threadsafe into
+one asyncio queue per HTTP request; a client that goes away has its requests aborted, which
+frees their slots at the engine's next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from blockdiff.engine.request import Request, Update
+from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
+from blockdiff.engine.sequence import Sequence
+from blockdiff.server.errors import APIError, error_body
+from blockdiff.server.prepare import Prepared
+from blockdiff.server.streaming import SSE_DONE, TextTracker, sse
+
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclass
+class Call:
+    """One HTTP request's view of its engine requests (one per prompt)."""
+    kind: str  # "completion" or "chat"
+    model_name: str
+    return_token_ids: bool
+    include_usage: bool
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self):
+        self.id = ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.kind == "chat" else "text_completion"
+
+    def head(self, chunk: bool = False) -> dict:
+        obj = self.object + (".chunk" if chunk and self.kind == "chat" else "")
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_name}
+
+
+def response_metrics(request: Request, update: Update) -> dict:
+    m = update.metrics or {}
+    queue = (request.scheduled - request.arrival) if request.scheduled is not None else 0.0
+    return {"mode": "infill" if request.suffix_ids is not None else request.seq.params.mode,
+            "nfe": m.get("nfe"), "prefill_nfe": m.get("prefill_nfe"), "tpf": m.get("tpf"),
+            "steps": m.get("steps"), "tokens_per_step": m.get("tokens_per_step"),
+            "acceptance": m.get("acceptance"), "drafted_tokens": m.get("drafted_tokens"),
+            "accepted_tokens": m.get("accepted_tokens"), "ttft_s": m.get("ttft_s"),
+            "queue_time_s": queue, "generation_time_s": max(0.0, m.get("wall_s", 0.0) - queue),
+            "e2e_s": m.get("wall_s"), "tokens_per_s": m.get("tokens_per_s")}
+
+
+def usage(requests: list[Request], finals: dict[int, Update]) -> dict:
+    prompt = sum(len(r.seq.prompt_ids) for r in requests)
+    completion = sum(len(u.token_ids) for u in finals.values())
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def submit(engine: Engine, llm, prepared: list[Prepared]) -> tuple[list[Request], asyncio.Queue]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    requests = []
+    for index, p in enumerate(prepared):
+        seq = Sequence(p.prompt_ids, p.params, frozenset(llm.tokenizer.eos_token_ids), llm.tokenizer.decode)
+        on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
+        requests.append(Request(seq, on_update, p.suffix_ids))
+    try:
+        for r in requests:
+            engine.submit(r)
+    except QueueFull as e:
+        _abort(engine, requests)
+        raise APIError(429, str(e), None, "rate_limit_exceeded") from None
+    except EngineStopped as e:
+        _abort(engine, requests)
+        raise APIError(503, f"the engine is not accepting requests: {e}", None, "service_unavailable") from None
+    return requests, queue
+
+
+def _abort(engine: Engine, requests: list[Request]) -> None:
+    for r in requests:
+        if not r.done:
+            engine.abort(r)
+
+
+def _failure(update: Update) -> APIError:
+    return APIError(503 if "shutting down" in (update.error or "") else 500,
+                    update.error or "the request was aborted", None, "engine_error")
+
+
+async def complete(http: HTTPRequest, engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Response:
+    """Non-streaming: wait for every prompt, watching for a client that disconnects."""
+    requests, queue = submit(engine, llm, prepared)
+    trackers = [TextTracker(llm.tokenizer.decode, r.seq.params.stop) for r in requests]
+    finals: dict[int, Update] = {}
+    try:
+        while len(finals) < len(requests):
+            try:
+                index, update = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    return Response(status_code=499)  # nobody reads it; the finally frees the slots
+                continue
+            if update.finish_reason is not None:
+                finals[index] = update
+    finally:
+        _abort(engine, requests)
+    for update in finals.values():
+        if update.finish_reason in ("error", "abort"):
+            return _failure(update).response()
+    choices = []
+    for i, r in enumerate(requests):
+        u = finals[i]
+        text = trackers[i].final_text(u)
+        choice = {"index": i, "finish_reason": u.finish_reason}
+        if call.kind == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice.update(text=text, logprobs=None)
+        if call.return_token_ids:
+            choice["token_ids"] = u.token_ids
+        choice["metrics"] = response_metrics(r, u)
+        choices.append(choice)
+    body = {**call.head(), "choices": choices, "usage": usage(requests, finals), "metrics": choices[0]["metrics"]}
+    if call.return_token_ids:
+        body["prompt_token_ids"] = requests[0].seq.prompt_ids
+    return JSONResponse(body)
+
+
+def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> StreamingResponse:
+    """SSE: committed text only, then a finish chunk per prompt, usage if asked, [DONE]."""
+    requests, queue = submit(engine, llm, prepared)  # errors (429, 503) before the stream starts
+
+    async def events():
+        trackers = [TextTracker(llm.tokenizer.decode, r.seq.params.stop) for r in requests]
+        finals: dict[int, Update] = {}
+        try:
+            if call.kind == "chat":
+                for i in range(len(requests)):
+                    yield sse(_chunk(call, i, {"role": "assistant", "content": ""}))
+            while len(finals) < len(requests):
+                index, update = await queue.get()
+                if update.finish_reason in ("error", "abort"):
+                    err = _failure(update)
+                    yield sse(error_body(err.message, "server_error", None, err.code))
+                    break
+                delta = trackers[index].advance(update)
+                if delta:
+                    content = {"content": delta} if call.kind == "chat" else delta
+                    yield sse(_chunk(call, index, content))
+                if update.finish_reason is not None:
+                    finals[index] = update
+                    chunk = _chunk(call, index, {} if call.kind == "chat" else "", update.finish_reason,
+                                   update.token_ids if call.return_token_ids else None)  # all of them
+                    chunk["metrics"] = response_metrics(requests[index], update)
+                    yield sse(chunk)
+            else:
+                if call.include_usage:
+                    yield sse({**call.head(chunk=True), "choices": [], "usage": usage(requests, finals)})
+            yield SSE_DONE
+        finally:  # also runs when the client disconnects and the stream is cancelled
+            _abort(engine, requests)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _chunk(call: Call, index: int, content, finish_reason: str | None = None,
+           token_ids: list[int] | None = None) -> dict:
+    choice = {"index": index, "finish_reason": finish_reason}
+    if call.kind == "chat":
+        choice["delta"] = content
+    else:
+        choice.update(text=content, logprobs=None)
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {**call.head(chunk=True), "choices": [choice]}

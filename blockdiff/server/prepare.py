@@ -1,0 +1,134 @@
+"""Turn a validated API request into what the engine runs: prompt ids, SamplingParams and,
+for fill-in-the-middle, suffix ids. Every rejection names its API parameter."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blockdiff.sampling import InvalidParameter, SamplingParams
+from blockdiff.server.config import ServerConfig
+from blockdiff.server.errors import APIError, from_invalid_parameter
+from blockdiff.server.protocol import ChatRequest, CommonRequest, CompletionRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
+
+
+@dataclass
+class Prepared:
+    prompt_ids: list[int]
+    params: SamplingParams
+    suffix_ids: list[int] | None = None
+
+
+def _unsupported(req: CommonRequest) -> None:
+    if req.n != 1:
+        raise APIError(400, f"n must be 1 (got {req.n}); send one request per sample", "n", "unsupported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0:
+            raise APIError(400, f"{name} is not supported; use 0", name, "unsupported")
+    if isinstance(req, CompletionRequest):
+        if req.logprobs is not None:
+            raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
+        if req.echo:
+            raise APIError(400, "echo is not supported", "echo", "unsupported")
+        if req.best_of not in (None, 1):
+            raise APIError(400, "best_of must be 1", "best_of", "unsupported")
+    if isinstance(req, ChatRequest) and (req.logprobs or req.top_logprobs):
+        raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
+
+
+def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode: str) -> SamplingParams:
+    top_k = req.top_k if req.top_k is not None else 0
+    try:
+        params = SamplingParams(
+            mode=mode, max_new_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p, top_k=0 if top_k == -1 else top_k,
+            min_p=req.min_p or 0.0, block_length=cfg.block_length if req.block_length is None else req.block_length,
+            threshold=cfg.threshold if req.threshold is None else req.threshold,
+            stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+            seed=req.seed, min_tokens=req.min_tokens)
+    except InvalidParameter as e:
+        raise from_invalid_parameter(e) from None
+    if params.mode == "quad_spec" and params.block_length > cfg.max_quad_block_length:
+        raise APIError(400, f"quad_spec block_length must be <= {cfg.max_quad_block_length} (its fused pass "
+                       f"costs L*(L+1) tokens), got {params.block_length}", "block_length", "invalid_value")
+    return params
+
+
+def _check_ids(ids: list[int], vocab: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param, "invalid_value")
+
+
+def _fit(llm, prompt_ids: list[int], req: CommonRequest, requested: int | None, default: int | None,
+         param: str, extra: int = 0) -> int:
+    """Check prompt (+ suffix) and max_tokens against the context; returns max_tokens."""
+    context = llm.max_context
+    used = len(prompt_ids) + extra
+    if not prompt_ids:
+        raise APIError(400, f"{param} is empty", param, "invalid_value")
+    if used >= context:
+        raise APIError(400, f"the prompt is {used} tokens; this model's context is {context}",
+                       param, "context_length_exceeded")
+    max_tokens = requested if requested is not None else (default if default is not None else context - used)
+    if max_tokens > 0 and used + max_tokens > context:
+        raise APIError(400, f"max_tokens ({max_tokens}) + prompt ({used} tokens) exceeds this model's "
+                       f"context of {context}", "max_tokens", "context_length_exceeded")
+    return max_tokens
+
+
+def _mode(req: CommonRequest, cfg: ServerConfig, llm, infill: bool) -> str:
+    mode = req.mode or ("diffusion" if infill else cfg.mode)
+    if infill and mode != "diffusion":
+        raise APIError(400, f"suffix (fill-in-the-middle) is decoded by block diffusion; mode must be "
+                       f"'diffusion', got {mode!r}", "suffix", "unsupported")
+    if mode != "ar" and llm.config.mask_token_id is None:
+        raise APIError(400, f"mode {mode!r} needs a mask token and this model has none; use 'ar'", "mode", "invalid_value")
+    return mode
+
+
+def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[Prepared]:
+    _unsupported(req)
+    prompts = req.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise APIError(400, "prompt is empty", "prompt", "invalid_value")
+    infill = bool(req.suffix)
+    if infill and req.stream and len(prompts) > 1:
+        raise APIError(400, "send one prompt per streaming fill-in-the-middle request", "prompt", "unsupported")
+    mode = _mode(req, cfg, llm, infill)
+    suffix_ids = llm.tokenizer.encode(req.suffix) if infill else None
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            ids = llm.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
+        else:
+            ids = list(prompt)
+            _check_ids(ids, llm.config.vocab_size, "prompt")
+        max_tokens = _fit(llm, ids, req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
+                          len(suffix_ids or []))
+        out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode), suffix_ids))
+    _check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    return out
+
+
+def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
+    _unsupported(req)
+    if not req.messages:
+        raise APIError(400, "messages is empty", "messages", "invalid_value")
+    mode = _mode(req, cfg, llm, infill=False)
+    if not llm.tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "unsupported")
+    try:
+        text = llm.tokenizer.apply_chat_template([m.to_template() for m in req.messages],
+                                                 add_generation_prompt=req.add_generation_prompt,
+                                                 **(req.chat_template_kwargs or {}))
+    except Exception as e:  # a template that raises on these messages is the caller's input problem
+        raise APIError(400, f"the chat template rejected these messages: {e}", "messages", "invalid_value") from None
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = _fit(llm, ids, req, requested, None, "messages")
+    _check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    return Prepared(ids, sampling_params(req, cfg, max_tokens, mode))

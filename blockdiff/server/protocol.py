@@ -1,0 +1,93 @@
+"""Request bodies of the OpenAI-compatible API (pydantic, strict types).
+
+Strict: a string where a number belongs is an error, not a silent coercion. Fields a user
+of OpenAI, vLLM or SGLang may send and that blockdiff does not use are accepted and ignored
+(as vLLM does), unless ignoring them would change the answer (then they are a 400).
+Range checks live in SamplingParams, which names the offending parameter.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Number = float  # strict float still accepts JSON integers
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    include_usage: bool = False
+
+
+class CommonRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    model: str | None = None  # optional, as in vLLM; when given it must be the served name
+    max_tokens: int | None = None
+    temperature: Number | None = None  # OpenAI's default is 1.0
+    top_p: Number | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: Number = 0.0
+    frequency_penalty: Number = 0.0
+    user: str | None = None
+    # vLLM extras (top level of the JSON; the openai client's extra_body puts them there)
+    top_k: int | None = None  # 0 or -1: off
+    min_p: Number | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    return_token_ids: bool = False  # vLLM: add token_ids to each choice
+    # blockdiff extras: the decoding mode per request (defaults come from `blockdiff serve`)
+    mode: str | None = None
+    block_length: int | None = None
+    threshold: Number | None = None
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(CommonRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    suffix: str | None = None  # fill-in-the-middle, decoded by block diffusion
+    echo: bool = False
+    logprobs: int | None = None
+    best_of: int | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+    type: Literal["text"] = "text"
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # tool calls etc. reach the template
+    role: str = Field(min_length=1)
+    content: str | list[TextPart] | None = None
+
+    def to_template(self) -> dict:
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "".join(part.text for part in self.content)
+        return message
+
+
+class ChatRequest(CommonRequest):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None  # the newer OpenAI name of max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None

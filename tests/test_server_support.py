@@ -1,0 +1,60 @@
+"""Shared helpers for the server tests (no tests here): a tiny random checkpoint on disk and
+a real uvicorn server on a free loopback port, run in a background thread."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import httpx
+
+from blockdiff.model.checkpoint import save_checkpoint
+from helpers import tiny_model, tiny_tokenizer
+
+
+def make_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
+    """A random (but confident) model that shares the tiny BPE tokenizer; the last id is MASK."""
+    tok = tiny_tokenizer()
+    vocab = tok.vocab_size + 1
+    model = tiny_model(seed, vocab=vocab, max_position_embeddings=512)
+    model.config.eos_token_ids = list(tok.eos_token_ids)
+    return save_checkpoint((model.config, model.state_dict(), tok), out_dir)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerThread:
+    """uvicorn serving an app on 127.0.0.1 in a daemon thread; `stop()` shuts it down."""
+
+    def __init__(self, app, port: int | None = None):
+        import uvicorn
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server did not become healthy")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
