@@ -28,7 +28,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
 
 
-COMMAND_MODULES: list[str] = ["blockdiff.server.commands"]
+COMMAND_MODULES: list[str] = ["blockdiff.train.commands", "blockdiff.server.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:

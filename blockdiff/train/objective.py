@@ -1,0 +1,144 @@
+"""The SPEC section 4 training objective: AR + block diffusion on a doubled sequence.
+
+Each clean sequence x_0 (length N) is paired with a noised copy x_t; the model reads
+[x_t | x_0] (length 2N, both halves at RoPE positions 0..N-1) under the block-diff mask:
+  - noisy query -> noisy key: only within the same block (bidirectional there);
+  - noisy query -> clean key: only clean tokens of strictly earlier blocks;
+  - clean query -> clean key: token-causal (the clean half is an ordinary AR LM);
+  - clean query -> noisy key: never (so the AR path cannot peek at the noise).
+Diffusion CE is taken at masked positions of the noisy half against x_0 at the SAME
+position (no shift) and divided by the masking probability; AR CE is next-token CE on the
+clean half. The caller divides both sums by global token counts (see `counts`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from blockdiff.model.transformer import Transformer
+
+
+@dataclass
+class ObjectiveConfig:
+    kind: str = "joint"  # "joint": SPEC section 4; "ar": plain next-token pretraining
+    block_size: int = 32
+    eps: float = 1e-3  # p = (1 - eps) t + eps keeps p away from 0, where CE / p explodes
+    ar_weight: float = 1.0
+    diff_weight: float = 0.3
+    position_dependent: bool = False  # Efficient-DLM: mask later slots of a block more often
+    position_beta: float | None = None  # None: ln(10) / block_size, so exp(-beta L) = 0.1
+
+    def __post_init__(self):
+        if self.kind not in ("joint", "ar"):
+            raise ValueError(f"objective.kind must be 'joint' or 'ar', got {self.kind!r}")
+        if self.block_size <= 0 or not 0 < self.eps < 1:
+            raise ValueError("objective: block_size must be positive and eps in (0, 1)")
+
+
+@dataclass
+class NoisedBatch:
+    x0: torch.Tensor  # (B, N) clean tokens
+    loss_mask: torch.Tensor  # (B, N) bool: positions that count in the loss
+    xt: torch.Tensor  # (B, N) x_0 with the masked positions replaced by the mask token
+    masked: torch.Tensor  # (B, N) bool
+    p: torch.Tensor  # (B, N) float: the probability each position had of being masked
+
+
+def mask_probabilities(t: torch.Tensor, seq_len: int, cfg: ObjectiveConfig) -> torch.Tensor:
+    """t (B,) in [0, 1) -> per-position masking probability (B, N); mean p = (1-eps) t + eps."""
+    p = (1 - cfg.eps) * t + cfg.eps  # (B,)
+    if not cfg.position_dependent:
+        return p[:, None].expand(-1, seq_len).clone()  # (B, N)
+    beta = cfg.position_beta if cfg.position_beta is not None else math.log(10.0) / cfg.block_size
+    slot = (torch.arange(seq_len) % cfg.block_size).float()  # (N,) index inside its block
+    w = torch.exp(beta * (1 - t)[:, None] * slot[None, :])  # (B, N)
+    # Rescale so each block keeps mean p (the noise level t means the same thing); clamping
+    # at 1 lowers the mean slightly at high t, which the 1/p weighting accounts for anyway.
+    blocks = -(-seq_len // cfg.block_size)
+    padded = F.pad(w, (0, blocks * cfg.block_size - seq_len), value=float("nan"))
+    mean = padded.view(-1, blocks, cfg.block_size).nanmean(-1)  # (B, blocks)
+    mean = mean.repeat_interleave(cfg.block_size, dim=1)[:, :seq_len]  # (B, N)
+    return (p[:, None] * w / mean).clamp(cfg.eps, 1.0)
+
+
+def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_token_id: int, cfg: ObjectiveConfig,
+              seeds: list[int]) -> NoisedBatch:
+    """Mask each sequence with its own generator seeded by `seeds[b]`, so the noise of a
+    sequence does not depend on how the batch is split across processes or micro-batches."""
+    B, N = x0.shape
+    t = torch.empty(B)
+    draws = torch.empty(B, N)
+    for b, seed in enumerate(seeds):
+        g = torch.Generator().manual_seed(int(seed))
+        t[b] = torch.rand((), generator=g)
+        draws[b] = torch.rand(N, generator=g)
+    p = mask_probabilities(t, N, cfg)
+    masked = (draws < p) & loss_mask.cpu()
+    masked, p = masked.to(x0.device), p.to(x0.device)
+    xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    return NoisedBatch(x0=x0, loss_mask=loss_mask, xt=xt, masked=masked, p=p)
+
+
+def block_diff_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
+    """(2N, 2N) bool, True = query row may attend to key column; see the module docstring."""
+    idx = torch.arange(2 * seq_len, device=device)
+    noisy = idx < seq_len  # (2N,)
+    pos = idx % seq_len  # (2N,) position inside its half
+    blk = pos // block_size
+    q_noisy, k_noisy = noisy[:, None], noisy[None, :]
+    same_block = blk[:, None] == blk[None, :]
+    earlier_block = blk[None, :] < blk[:, None]
+    causal = pos[None, :] <= pos[:, None]
+    noisy_rows = torch.where(k_noisy, same_block, earlier_block)
+    clean_rows = ~k_noisy & causal
+    return torch.where(q_noisy, noisy_rows, clean_rows)
+
+
+def counts(loss_mask: torch.Tensor) -> torch.Tensor:
+    """[AR targets, diffusion positions] that count in the loss: the normalisers before
+    summing over micro-batches and processes."""
+    return torch.stack([loss_mask[:, 1:].sum(), loss_mask.sum()]).double()
+
+
+class ObjectiveModule(nn.Module):
+    """Wraps the model so that DDP/FSDP see one forward: batch -> (ar_sum, diff_sum)."""
+
+    def __init__(self, model: Transformer, cfg: ObjectiveConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, xt: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor,
+                masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        B, N = x0.shape
+        if self.cfg.kind == "ar":
+            clean = self.model(x0, pattern="causal")  # (B, N, hidden)
+            noisy = None
+        else:
+            positions = torch.arange(N, device=x0.device).repeat(2).expand(B, 2 * N)  # (B, 2N)
+            mask = block_diff_mask(N, self.cfg.block_size, x0.device)
+            # The draft adapter (if any) runs on the noisy half only: the AR half is the base model.
+            gate = torch.zeros(B, 2 * N, dtype=torch.bool, device=x0.device)
+            gate[:, :N] = True
+            hidden = self.model(torch.cat([xt, x0], dim=1), positions=positions, pattern=mask,
+                                adapter_gate=gate)  # (B, 2N, hidden)
+            noisy, clean = hidden[:, :N], hidden[:, N:]
+        ar_targets = loss_mask[:, 1:]
+        ar_logits = self.model.logits(clean[:, :-1][ar_targets])  # (n_ar, vocab)
+        ar_sum = F.cross_entropy(ar_logits, x0[:, 1:][ar_targets], reduction="sum")
+        if noisy is None or not bool(masked.any()):
+            diff_sum = noisy.sum() * 0.0 if noisy is not None else ar_sum * 0.0  # keeps every parameter in the graph
+        else:
+            diff_logits = self.model.logits(noisy[masked])  # (n_masked, vocab): no shift
+            ce = F.cross_entropy(diff_logits, x0[masked], reduction="none")
+            diff_sum = (ce / p[masked]).sum()
+        return torch.stack([ar_sum, diff_sum])
+
+
+def combine(sums: torch.Tensor, norms: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """(ar_sum, diff_sum) / global counts -> the weighted scalar loss."""
+    per_token = sums / norms.clamp(min=1).to(sums.dtype)
+    return cfg.ar_weight * per_token[0] + (cfg.diff_weight * per_token[1] if cfg.kind == "joint" else 0.0)

@@ -1,0 +1,112 @@
+"""The commands: tokenizer train, train (overrides), convert (full and lora), plot-train."""
+import json
+import os
+
+import pytest
+import torch
+
+from helpers import tiny_config
+from test_train_support import make_workspace, write_config
+from blockdiff.cli import main
+from blockdiff.model.adapter import load_adapter
+from blockdiff.model.checkpoint import load_checkpoint, save_checkpoint
+from blockdiff.model.transformer import Transformer
+from blockdiff.tokenizer import Tokenizer
+from blockdiff.train.config import load_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine run several times faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    raw = make_workspace(root)
+    raw["run"].pop("threads")  # in-process runs must not change this process's thread count
+    return root, raw
+
+
+def test_tokenizer_train_command(tmp_path, workspace, capsys):
+    root, _ = workspace
+    out = str(tmp_path / "bpe")
+    assert main(["tokenizer", "train", str(root / "corpus"), "--out", out, "--vocab-size", "280"]) == 0
+    assert "'mask': 3" in capsys.readouterr().out
+    tok = Tokenizer.from_dir(out)
+    assert tok.vocab_size == 280 and tok.decode(tok.encode("def f(x):")) == "def f(x):"
+
+
+def test_overrides_by_path_and_by_unique_name(tmp_path, workspace):
+    _, raw = workspace
+    cfg = write_config(tmp_path, raw)
+    c = load_config(cfg, {"optim.lr": "1e-4", "max_steps": "7", "model.num_layers": "3", "data.paths": "[a, b]"})
+    assert (c.optim.lr, c.optim.max_steps, c.model["num_layers"], c.data.paths) == (1e-4, 7, 3, ["a", "b"])
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(cfg, {"optim.lrr": "1"})
+    assert main(["train", "--config", cfg, "--max-steps", "5", "--lr", "0.01", "--print-config"]) == 0
+
+
+def test_train_from_scratch_then_plot(tmp_path, workspace):
+    _, raw = workspace
+    cfg = write_config(tmp_path, raw)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run.out_dir", run, "--max_steps", "6", "--eval_every", "3",
+                 "--val_fraction", "0.2"]) == 0
+    records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert {"loss", "ar_loss", "diff_loss", "lr", "tokens_per_s"} <= records[0].keys()
+    assert "val_ar_loss" in records[2] and "val_diff_loss" in records[5]
+    ckpt = load_checkpoint(os.path.join(run, "final"))
+    assert ckpt.config.mask_token_id == 3 and ckpt.config.block_size == 4
+    assert main(["plot-train", run]) == 0
+    with open(os.path.join(run, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def base_model(workspace):
+    """A small 'pretrained' AR checkpoint in HF format to convert."""
+    root, raw = workspace
+    tok = Tokenizer.from_dir(raw["tokenizer"])
+    config = tiny_config(vocab=320, mask_token_id=3)
+    torch.manual_seed(1)
+    model = Transformer(config)
+    out = str(root / "base")
+    save_checkpoint((config, model.state_dict(), tok), out)
+    conv = {k: v for k, v in raw.items() if k not in ("model", "tokenizer")}
+    return out, write_config(root, conv, "convert.yaml")
+
+
+def test_convert_lora_keeps_the_ar_path_exactly(tmp_path, base_model):
+    base, cfg = base_model
+    run = str(tmp_path / "lora")
+    assert main(["convert", "--config", cfg, "--model", base, "--target", "lora", "--out", run,
+                 "--max_steps", "4", "--lora.r", "4", "--lora.alpha", "8"]) == 0
+    adapter = json.load(open(os.path.join(run, "final", "adapter_config.json")))
+    assert adapter["target_modules"] == ["o_proj"] and adapter["r"] == 4
+    ckpt = load_checkpoint(base)
+    plain, adapted = Transformer(ckpt.config), Transformer(ckpt.config)
+    plain.load_state_dict(ckpt.state_dict)
+    adapted.load_state_dict(ckpt.state_dict)
+    load_adapter(adapted, os.path.join(run, "final"))
+    x = torch.randint(0, 300, (1, 12))
+    assert torch.equal(adapted(x), plain(x))  # AR (no gate): the base model, bit for bit
+    gate = torch.ones(1, 12, dtype=torch.bool)
+    assert not torch.allclose(adapted(x, adapter_gate=gate), plain(x, adapter_gate=gate))  # it learned
+
+
+def test_convert_full_writes_a_loadable_checkpoint(tmp_path, base_model):
+    base, cfg = base_model
+    run = str(tmp_path / "full")
+    assert main(["convert", "--config", cfg, "--model", base, "--out", run, "--max_steps", "2",
+                 "--run.export_format", "nld", "--run.export_dtype", "bf16"]) == 0
+    out = load_checkpoint(os.path.join(run, "final"))
+    assert out.config.checkpoint_format == "nld" and out.config.mask_token_id == 3
+    assert out.state_dict["norm.weight"].dtype == torch.bfloat16
+    before = load_checkpoint(base).state_dict["layers.0.self_attn.q_proj.weight"]
+    assert not torch.allclose(out.state_dict["layers.0.self_attn.q_proj.weight"].float(), before, atol=1e-4)
