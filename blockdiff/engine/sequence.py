@@ -82,9 +82,11 @@ class Sequence:
         if not hits:
             return
         cut = min(hits)[0]
-        # keep the fewest tokens whose text reaches the stop string's start
+        # keep the fewest tokens whose text covers everything before the stop string (whole
+        # characters: a prefix ending inside a multi-byte character decodes to U+FFFD)
+        kept_text = text[:cut]
         keep = next(k for k in range(len(self.output_ids) + 1)
-                    if len(self.detokenize(self.output_ids[:k])) >= cut)
+                    if self.detokenize(self.output_ids[:k]).startswith(kept_text))
         del self.output_ids[keep:]
         self.stop_text_end = cut
         self.finish_reason = "stop"
