@@ -22,7 +22,15 @@ from blockdiff import LLM, MODES, SamplingParams  # noqa: E402
 from blockdiff.cli import format_table  # noqa: E402
 from blockdiff.model.kv_cache import KVCache  # noqa: E402
 
-PROMPTS = [
+CODE_PROMPTS = [
+    "import os\n\n\ndef list_python_files(root):\n    ",
+    "class Stack:\n    def __init__(self):\n        ",
+    "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
+    "    def __repr__(self):\n        return ",
+    "def read_lines(path, encoding='utf-8'):\n    with open(",
+    "try:\n    import json\nexcept ImportError:\n    ",
+]
+CHAT_PROMPTS = [
     "Explain why the sky is blue in two sentences.",
     "Write a Python function that checks whether a number is prime.",
     "What are three tips for staying focused while studying?",
@@ -116,14 +124,19 @@ def main() -> None:
     ap.add_argument("--quad-block-length", type=int, default=None, help="default: --block-length")
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--prompt-set", default="chat", choices=["chat", "code"],
+                    help="chat: instructions in the chat template; code: raw Python openings (for code models)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     ap.add_argument("--repeats", type=int, default=1, help="round-robin repeats; the fastest run counts")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
 
     llm = LLM(args.model, dtype=args.dtype, device=args.device)
-    prompts = [llm.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]), chat=True)
-               for p in PROMPTS]
+    if args.prompt_set == "chat":
+        prompts = [llm.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": p}]), chat=True)
+                   for p in CHAT_PROMPTS]
+    else:
+        prompts = [llm.encode(p) for p in CODE_PROMPTS]
     warm = SamplingParams(max_new_tokens=8)
     llm.generate(prompts[0], warm, use_tqdm=False)  # first-call kernel set-up is not decoding speed
 
@@ -157,7 +170,7 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, dtype {args.dtype}, device {args.device}")
     print(f"model: {llm.model_path} ({weight_bytes / 1e6:.0f} MB of weights), adapter: {llm.adapter}")
-    print(f"{len(prompts)} chat prompts, max_new_tokens {args.max_new_tokens}, block {args.block_length}, "
+    print(f"{len(prompts)} {args.prompt_set} prompts, max_new_tokens {args.max_new_tokens}, block {args.block_length}, "
           f"threshold {args.threshold}, batch 1, temperature 0\n")
     print(format_table(rows, ["mode", "tokens", "NFE", "TPF", "tok/step", "accept", "tok/s", "vs ar", "same as ar"]))
     print(f"\nforward over a 256-token cache: 1 token {cost[1] * 1e3:.1f} ms, {args.block_length} tokens "
