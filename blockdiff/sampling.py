@@ -5,7 +5,9 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
-MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
+DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
+# "auto" resolves to the fastest lossless mode when a request is scheduled (engine/auto.py)
+MODES = DECODING_MODES + ("auto",)
 
 
 class InvalidParameter(ValueError):

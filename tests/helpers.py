@@ -53,9 +53,8 @@ def save_tiny_checkpoint(path, fmt: str = "llama", seed: int = 0, dtype=torch.fl
     """A random-weight model with a real (tiny) BPE tokenizer, saved as an HF/NLD directory."""
     from blockdiff.model.checkpoint import save_checkpoint
     tokenizer = tiny_tokenizer()
-    config = tiny_config(vocab=300, bos_token_id=1, eos_token_ids=[2], mask_token_id=3,
-                         max_position_embeddings=256, **overrides)
-    model = tiny_model(seed, vocab=300, bos_token_id=1, eos_token_ids=[2], mask_token_id=3,
-                       max_position_embeddings=256, **overrides)
+    fields = dict(bos_token_id=1, eos_token_ids=[2], mask_token_id=3, max_position_embeddings=256) | overrides
+    config = tiny_config(vocab=300, **fields)
+    model = tiny_model(seed, vocab=300, **fields)
     state = {k: v.to(dtype) for k, v in model.state_dict().items()}
     return save_checkpoint((config, state, tokenizer), path, format=fmt)

@@ -85,3 +85,36 @@ def test_sampling_is_reproducible_with_a_seed(mode):
     c = run(model, [[1, 2]], mode=mode, max_new_tokens=20, temperature=1.0, seed=4, block_length=4)[0]
     assert a.output_ids == b.output_ids
     assert a.output_ids != c.output_ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_events_are_per_row_and_resolve_to_their_sequence(mode):
+    """Rows retire mid-decode (different lengths, EOS); each event's row must name, at emit
+    time, the sequence it is about: its commits are then exactly that sequence's output."""
+    from blockdiff.decoding.batch import DecodeBatch
+    from blockdiff.decoding.run import DECODERS
+    from blockdiff.engine.sequence import Sequence
+    from blockdiff.sampling import SamplingParams
+
+    model = tiny_model(6, vocab=24)
+    prompts, lengths = [[1, 2, 3], [5], [7, 8, 9, 10, 11]], [9, 17, 4]
+    seqs = [Sequence(p, SamplingParams(mode=mode, max_new_tokens=n, block_length=4), frozenset([6]))
+            for p, n in zip(prompts, lengths)]
+    events: dict[int, list] = {id(s): [] for s in seqs}
+    decoder = DECODERS[mode]
+    batch = DecodeBatch(model, seqs, model.config.mask_token_id, decoder.extra_slots(4))
+    batch.on_event = lambda kind, payload: events[id(batch.seqs[payload["row"]])].append((kind, payload))
+    with torch.inference_mode():
+        decoder.start(batch)
+        batch.retire()
+        while len(batch):
+            decoder.step(batch)
+            batch.retire()
+    silent = run(model, prompts[:1], eos=6, mode=mode, max_new_tokens=9, block_length=4)[0]
+    assert seqs[0].output_ids == silent.output_ids  # observing changes nothing
+    expected_kinds = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}}.get(mode, {"draft", "verify", "commit"})
+    for seq in seqs:
+        got = events[id(seq)]
+        assert {kind for kind, _ in got} <= expected_kinds
+        assert [t for kind, p in got if kind == "commit" for t in p["tokens"]] == seq.output_ids
+        assert all(p["nfe"] <= seq.metrics.nfe for _, p in got)

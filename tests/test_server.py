@@ -50,7 +50,8 @@ def test_health_models_and_server_info(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
     info = httpx.get(server.url + "/get_server_info").json()
     assert "avg_spec_accept_length" in info["internal_states"][0]
-    assert info["default_mode"] == "linear_spec"
+    assert info["default_mode"] == "auto"
+    assert info["auto_mode"]["candidates"] == ["ar", "linear_spec"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -115,6 +115,33 @@ def test_lora_leaves_ar_loss_at_the_base_model():
     assert all(m.lora_A.grad is not None for n, m in model.lora_modules().items() if n.endswith("o_proj"))
 
 
+def test_draft_only_pass_gives_the_joint_losses_and_gradients():
+    """The LoRA shortcut (clean half once, without autograd, as a cache) is the same objective."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab=40).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, m in model.lora_modules().items():
+        if name.endswith(("o_proj", "q_proj")):
+            m.attach_lora(4, 8.0, B=torch.randn(m.out_features, 4, dtype=torch.float64))
+    cfg = ObjectiveConfig(block_size=4, position_dependent=True)
+    x0 = torch.randint(0, 39, (3, 10))  # 10 is not a multiple of the block: a ragged last block
+    loss_mask = torch.rand(3, 10) > 0.2
+    batch = add_noise(x0, loss_mask, 39, cfg, seeds=[1, 2, 3])
+    results = []
+    for draft_only in (False, True):
+        model.zero_grad(set_to_none=True)
+        sums = ObjectiveModule(model, cfg, draft_only=draft_only)(batch.xt, x0, loss_mask, batch.masked, batch.p)
+        combine(sums, counts(loss_mask), cfg).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((sums.detach(), grads))
+    (joint, joint_grads), (fast, fast_grads) = results
+    assert torch.allclose(joint, fast, rtol=1e-10)
+    assert joint_grads.keys() == fast_grads.keys() and len(fast_grads) == 2 * 2 * 2  # A and B, 2 layers, 2 targets
+    for name in joint_grads:
+        assert torch.allclose(joint_grads[name], fast_grads[name], rtol=1e-8, atol=1e-12), name
+
+
 def test_ar_kind_is_plain_next_token_loss():
     torch.manual_seed(0)
     model = tiny_model(vocab=40)

@@ -12,7 +12,15 @@ from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import sample
 
-# on_event(kind, payload): an optional observer for playgrounds and streaming.
+# on_event(kind, payload): an optional observer for playgrounds and streaming. Every payload
+# is about one row: payload["row"] is valid when the event is emitted (batch.seqs[row] is its
+# Sequence); rows move later, when sequences retire or batches merge. Kinds and fields:
+#   "denoise" (diffusion, one bidirectional pass): step, block (L ids, slot 0 the committed
+#             seed), masked (L bools), end (slots 1..end-1 are this block's output)
+#   "draft"   (linear_spec, quad_spec): drafts (the L-1 ids proposed after the pending token)
+#   "verify"  (spec modes): drafts, accepted, drafted, bonus (the AR token after the accepted ones)
+#   "commit"  (every mode): tokens (ids just appended to the output)
+# and every payload also has nfe and completion_tokens, the row's running counts.
 EventHook = Callable[[str, dict], None]
 
 
@@ -26,6 +34,9 @@ class DecodeBatch:
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
         self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
         self.on_event = on_event
+        # which sequences anyone listens to (None: all); the server watches only the requests
+        # that asked for steps, so other rows build no payloads
+        self.listening: Callable[[Sequence], bool] | None = None
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -53,10 +64,20 @@ class DecodeBatch:
     def masks(self, width: int) -> torch.Tensor:
         return torch.full((len(self.seqs), width), self.mask_token_id, dtype=torch.long)  # (B, width)
 
+    def observed(self, row: int) -> bool:
+        """Whether an event about this row has a listener; decoders build payloads only then."""
+        return self.on_event is not None and (self.listening is None or self.listening(self.seqs[row]))
+
+    def event(self, kind: str, row: int, **payload) -> None:
+        """Send one row's event (call only when `observed(row)`)."""
+        seq = self.seqs[row]
+        self.on_event(kind, {"row": row, **payload, "nfe": seq.metrics.nfe,
+                             "completion_tokens": len(seq.output_ids)})
+
     def emit(self, row: int, tokens: list[int]) -> int:
         kept = self.seqs[row].append(tokens)
-        if self.on_event is not None and kept:
-            self.on_event("commit", {"row": row, "tokens": tokens[:kept]})
+        if kept and self.observed(row):
+            self.event("commit", row, tokens=tokens[:kept])
         return kept
 
     def retire(self) -> list[Sequence]:

@@ -27,6 +27,7 @@ def step(batch: DecodeBatch) -> None:
     active = needed.any(dim=1).tolist()
     denoise_step = 0
     while any(active):
+        stepped = list(active)  # rows that take this pass (the loop below updates `active`)
         hidden = batch.forward(block, "bidirectional", counted=active)  # reads the cache, writes nothing
         logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
         for row, seq in enumerate(batch.seqs):
@@ -45,9 +46,10 @@ def step(batch: DecodeBatch) -> None:
             if stops:
                 end[row] = stops[0] + 1
             active[row] = not stops and bool(needed[row].any())
-        if batch.on_event:
-            batch.on_event("denoise", {"step": denoise_step, "block": block.tolist(),
-                                       "masked": (needed & (slot[None, :] < end[:, None])).tolist()})
+        for row in range(B):
+            if stepped[row] and batch.observed(row):
+                batch.event("denoise", row, step=denoise_step, block=block[row].tolist(),
+                            masked=(needed[row] & (slot < end[row])).tolist(), end=int(end[row]))
         denoise_step += 1
 
     for row, seq in enumerate(batch.seqs):

@@ -26,8 +26,8 @@ def step(batch: DecodeBatch) -> None:
         tokens, _, probs = batch.sample(row, draft_logits[row], need_probs=not batch.seqs[row].params.greedy)
         drafts.append(tokens)
         draft_probs.append(probs)
-    if batch.on_event:
-        batch.on_event("draft", {"drafts": [d.tolist() for d in drafts]})
+        if batch.observed(row):
+            batch.event("draft", row, drafts=tokens.tolist())
 
     candidate = torch.cat([block[:, :1], torch.stack(drafts)], dim=1)  # (B, L)
     hidden = batch.forward(candidate, "causal")  # writes keys/values past each row's length

@@ -71,6 +71,8 @@ def _draft_from(batch: DecodeBatch, row: int, logits: torch.Tensor) -> None:
     """Keep drafts d_1..d_{L-1} (and their probabilities when sampling) for the next step."""
     seq = batch.seqs[row]
     seq.draft, _, seq.draft_probs = batch.sample(row, logits, need_probs=not seq.params.greedy)
+    if not seq.finished and batch.observed(row):  # a finished row's draft is never verified
+        batch.event("draft", row, drafts=seq.draft.tolist())
 
 
 def step(batch: DecodeBatch) -> None:

@@ -1,6 +1,7 @@
 """The decode loop shared by every mode: start, then step until every sequence has finished."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
@@ -10,15 +11,20 @@ from blockdiff.decoding.batch import DecodeBatch, EventHook
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.transformer import Transformer
 
+# on_step(mode, rows, tokens committed, seconds): one decode step, timed
+StepHook = Callable[[str, int, int, float], None]
+
 DECODERS = {"ar": ar, "diffusion": diffusion, "linear_spec": linear_spec, "quad_spec": quad_spec}
 
 
 @torch.inference_mode()
 def decode(model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
-           on_event: EventHook | None = None, on_progress: Callable[[int], None] | None = None) -> list[Sequence]:
+           on_event: EventHook | None = None, on_progress: Callable[[int], None] | None = None,
+           on_step: StepHook | None = None) -> list[Sequence]:
     """Decode sequences that share a mode and block length as one batch.
 
-    on_progress(n) is told how many tokens were emitted since its last call.
+    on_progress(n) is told how many tokens were emitted since its last call; on_step(mode,
+    rows, tokens, seconds) times every decode step (what mode="auto" learns from).
     """
     params = seqs[0].params
     if any((s.params.mode, s.params.block_length) != (params.mode, params.block_length) for s in seqs):
@@ -29,18 +35,22 @@ def decode(model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
     batch = DecodeBatch(model, seqs, mask_token_id, decoder.extra_slots(params.block_length), on_event)
     emitted = 0
 
-    def report():
+    def report() -> int:
         nonlocal emitted
         total = sum(len(s.output_ids) for s in seqs)
-        if on_progress and total > emitted:
-            on_progress(total - emitted)
-        emitted = total
+        new, emitted = total - emitted, total
+        if on_progress and new > 0:
+            on_progress(new)
+        return new
 
     decoder.start(batch)
     batch.retire()
     report()
     while len(batch):
+        rows, started = len(batch), time.perf_counter()
         decoder.step(batch)
         batch.retire()
-        report()
+        new = report()
+        if on_step is not None:
+            on_step(params.mode, rows, new, time.perf_counter() - started)
     return seqs

@@ -41,11 +41,11 @@ def verify_row(batch, row: int, drafts: torch.Tensor, draft_probs: torch.Tensor 
     Returns how many drafts were accepted."""
     seq = batch.seqs[row]
     accepted, bonus = accept(drafts, draft_probs, target_logits, seq.params, seq.generator)
+    if batch.observed(row):  # before the commit it causes, so observers see draft, verify, commit
+        batch.event("verify", row, drafts=drafts.tolist(), accepted=accepted, drafted=len(drafts), bonus=bonus)
     kept = batch.emit(row, drafts[:accepted].tolist() + [bonus])
     seq.metrics.record_draft(len(drafts), accepted)
     seq.metrics.steps += 1
     seq.metrics.verify_steps += 1
     seq.metrics.committed_in_verify += kept
-    if batch.on_event:
-        batch.on_event("verify", {"row": row, "accepted": accepted, "drafted": len(drafts)})
     return accepted

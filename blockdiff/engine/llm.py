@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from blockdiff.decoding.batch import EventHook
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.run import decode
+from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
@@ -37,7 +38,8 @@ class RequestOutput:
 
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", device: str = "cpu",
-                 adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64):
+                 adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
+                 auto_modes: tuple[str, ...] = ("ar", "linear_spec")):
         if dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -60,6 +62,8 @@ class LLM:
         self.model.prepare_for_inference()
         self.model_path = source.path
         self.max_batch_size = max_batch_size
+        # learns from every decode step, whatever its mode; spec modes need a mask token
+        self.auto = AutoMode(tuple(auto_modes) if self.config.mask_token_id is not None else ("ar",))
 
     @property
     def max_context(self) -> int:
@@ -103,6 +107,7 @@ class LLM:
         if len(param_list) != len(prompts):
             raise ValueError(f"{len(param_list)} SamplingParams for {len(prompts)} prompts")
         seqs = [self.make_sequence(p, sp, chat=chat) for p, sp in zip(prompts, param_list)]
+        self.resolve_auto(seqs)
         groups: dict[tuple, list[Sequence]] = {}
         for seq in seqs:
             groups.setdefault((seq.params.mode, seq.params.block_length), []).append(seq)
@@ -111,8 +116,16 @@ class LLM:
             for group in groups.values():
                 for i in range(0, len(group), self.max_batch_size):
                     decode(self.model, group[i:i + self.max_batch_size], self.config.mask_token_id,
-                           on_event, bar.update)
+                           on_event, bar.update, self.auto.record)
         return [self._output(p, s) for p, s in zip(prompts, seqs)]
+
+    def resolve_auto(self, seqs: list[Sequence]) -> None:
+        """Give mode="auto" sequences the mode measured fastest at this batch size."""
+        auto = [s for s in seqs if s.params.mode == "auto"]
+        if auto:
+            mode = self.auto.choose(min(len(auto), self.max_batch_size))
+            for seq in auto:
+                seq.params = dataclasses.replace(seq.params, mode=mode)
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              **kwargs) -> list[RequestOutput]:

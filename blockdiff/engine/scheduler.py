@@ -9,6 +9,7 @@ at temperature 0 the results equal unbatched `LLM.generate`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,8 +22,10 @@ import torch
 
 from blockdiff.decoding.batch import DecodeBatch
 from blockdiff.decoding.run import DECODERS
+from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.infill import InfillJob
 from blockdiff.engine.request import Request, Update
+from blockdiff.engine.steps import StepRouter
 
 log = logging.getLogger("blockdiff.engine")
 Observer = Callable[[Request, Update], None]
@@ -51,13 +54,15 @@ class Group:
 
 class Engine:
     def __init__(self, model, mask_token_id: int | None, config: EngineConfig | None = None,
-                 observer: Observer | None = None):
+                 observer: Observer | None = None, auto: AutoMode | None = None):
         self.model = model
+        self.auto = auto or AutoMode()
         self.mask_token_id = mask_token_id
         self.config = config or EngineConfig()
         self.observer = observer
         self.waiting: deque[Request] = deque()
         self.groups: dict[tuple, Group] = {}
+        self.steps = StepRouter()  # step events to the requests that asked (return_steps)
         self.cond = threading.Condition()
         self.stopping = False
         self.error: str | None = None  # set if the loop itself died
@@ -141,8 +146,11 @@ class Engine:
         return taken
 
     def _admit(self, newcomers: list[Request]) -> None:
+        load = self.num_running + len(newcomers)  # sequences decoded alongside, across groups
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
+            if request.seq.params.mode == "auto":
+                request.seq.params = dataclasses.replace(request.seq.params, mode=self.auto.choose(load))
             by_group.setdefault(request.group, []).append(request)
         for key, requests in by_group.items():
             try:
@@ -170,6 +178,7 @@ class Engine:
             return Group(job, InfillJob.step, requests)
         decoder = DECODERS[seqs[0].params.mode]
         batch = DecodeBatch(self.model, seqs, self.mask_token_id, decoder.extra_slots(seqs[0].params.block_length))
+        self.steps.attach(batch, requests)
         decoder.start(batch)
         return Group(batch, decoder.step, requests)
 
@@ -181,8 +190,12 @@ class Engine:
                     group.batch.abort(request.seq)
             self._settle(group)
             if group.requests:
+                rows, started = len(group.requests), time.perf_counter()
+                emitted = sum(len(r.seq.output_ids) for r in group.requests)
                 try:
                     group.step(group.batch)
+                    emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
+                    self.auto.record(key[0], rows, max(emitted, 0), time.perf_counter() - started)
                 except Exception as e:
                     log.error("decode step failed: %r\n%s", e, traceback.format_exc())
                     for request in group.requests:
@@ -207,6 +220,8 @@ class Engine:
         except Exception:  # a caller's callback must never take the engine down
             log.error("update callback failed\n%s", traceback.format_exc())
             update = None
+        if request.done:
+            self.steps.forget(request)
         if update is not None:
             request.last_commit = time.perf_counter()
 

@@ -2,7 +2,9 @@
 
 A pattern says how the T new tokens of a forward see one another: "causal",
 "bidirectional", or an explicit boolean (T, T) / (B, T, T) tensor (quad_spec's fused
-pass, padded prefill). Every new token always sees its row's whole valid cache.
+pass, padded prefill). Every new token then sees its row's whole valid cache. A tensor
+whose last dimension is the span instead, (T, span) / (B, T, span), is the whole mask,
+cache included (training's draft pass sees only the clean blocks before its own).
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ def build_mask(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int,
             return None, False
         if pattern == "causal" and span == num_new:
             return None, True
+    if isinstance(pattern, torch.Tensor) and pattern.shape[-1] == span != num_new:
+        full = pattern.to(device=device, dtype=torch.bool)
+        return (full if full.dim() == 3 else full.expand(lengths.shape[0], -1, -1))[:, None], False  # (B, 1, T, span)
     within = pattern_matrix(pattern, num_new, device)
     if within.dim() == 2:
         within = within.expand(lengths.shape[0], num_new, num_new)  # (B, T, T)

@@ -25,6 +25,7 @@ from blockdiff.server.config import ServerConfig
 from blockdiff.server.errors import TYPES, APIError, error_body, from_validation_error
 from blockdiff.server.handlers import Call, complete, stream
 from blockdiff.server.metrics import ServerMetrics
+from blockdiff.server.playground import mount_playground
 from blockdiff.server.prepare import prepare_chat, prepare_completion
 from blockdiff.server.protocol import ChatRequest, CompletionRequest
 
@@ -53,7 +54,7 @@ async def read_json(request: Request, limit: int) -> dict:
 def build_app(llm, config: ServerConfig) -> FastAPI:
     name = config.model_name()
     engine = Engine(llm.model, llm.config.mask_token_id,
-                    EngineConfig(config.max_running_requests, config.max_queue))
+                    EngineConfig(config.max_running_requests, config.max_queue), auto=llm.auto)
     metrics = ServerMetrics(name, engine)
     engine.observer = metrics.observe
 
@@ -119,15 +120,17 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         prepared = prepare_completion(llm, req, config)
-        return await answer(request, Call("completion", name, req.return_token_ids, req.include_usage),
+        return await answer(request, Call("completion", name, req.return_token_ids, req.include_usage, req.return_steps),
                             prepared, req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
         prepared = [prepare_chat(llm, req, config)]
-        return await answer(request, Call("chat", name, req.return_token_ids, req.include_usage),
+        return await answer(request, Call("chat", name, req.return_token_ids, req.include_usage, req.return_steps),
                             prepared, req.stream)
+
+    mount_playground(app)  # GET / and /static/*: the live playground page
 
     @app.get("/v1/models")
     async def models():
@@ -153,6 +156,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
                 "block_length": config.block_length, "threshold": config.threshold,
                 "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
                 "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
+                "auto_mode": {"candidates": list(engine.auto.candidates), "measured": engine.auto.report()},
                 "internal_states": [{"avg_spec_accept_length": metrics.avg_spec_accept_length,
                                      "num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
                                      "finished_requests": metrics.finished_requests,

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", default=d.device)
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="decoding mode for requests that set none")
+    p.add_argument("--auto-modes", default=d.auto_modes,
+                   help="comma-separated lossless modes that mode 'auto' chooses among (by measured tok/s)")
     p.add_argument("--block-length", type=int, default=d.block_length)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
@@ -58,7 +60,8 @@ def cmd_serve(args) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter)
+    llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+              auto_modes=tuple(config.auto_modes.split(",")))
     app = build_app(llm, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout_s)

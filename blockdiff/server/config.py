@@ -14,7 +14,8 @@ class ServerConfig:
     device: str = "cpu"
     adapter: str | None = None
     # defaults for requests that do not set them
-    mode: str = "linear_spec"
+    mode: str = "auto"  # the fastest lossless mode, measured at the current load
+    auto_modes: str = "ar,linear_spec"  # what "auto" may choose among
     block_length: int = 32
     threshold: float = 0.9
     # admission control

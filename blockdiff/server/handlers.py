@@ -19,6 +19,7 @@ from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
 from blockdiff.engine.sequence import Sequence
 from blockdiff.server.errors import APIError, error_body
 from blockdiff.server.prepare import Prepared
+from blockdiff.server.steps import Step, StepFormatter, step_chunk
 from blockdiff.server.streaming import SSE_DONE, TextTracker, sse
 
 DISCONNECT_POLL_S = 0.5
@@ -31,6 +32,7 @@ class Call:
     model_name: str
     return_token_ids: bool
     include_usage: bool
+    return_steps: bool = False  # the step-events extension (server/steps.py); streams only
     id: str = ""
     created: int = 0
 
@@ -65,14 +67,18 @@ def usage(requests: list[Request], finals: dict[int, Update]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def submit(engine: Engine, llm, prepared: list[Prepared]) -> tuple[list[Request], asyncio.Queue]:
+def submit(engine: Engine, llm, prepared: list[Prepared], steps: bool = False) -> tuple[list[Request], asyncio.Queue]:
+    """Queue the prompts; their updates (and, with `steps`, their Step events) arrive in order
+    on the returned queue as (prompt index, item)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
     requests = []
     for index, p in enumerate(prepared):
         seq = Sequence(p.prompt_ids, p.params, frozenset(llm.tokenizer.eos_token_ids), llm.tokenizer.decode)
         on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
-        requests.append(Request(seq, on_update, p.suffix_ids))
+        on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, Step(kind, payload))))
+                   if steps else None)
+        requests.append(Request(seq, on_update, p.suffix_ids, on_step=on_step))
     try:
         for r in requests:
             engine.submit(r)
@@ -137,10 +143,14 @@ async def complete(http: HTTPRequest, engine: Engine, llm, call: Call, prepared:
 
 def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> StreamingResponse:
     """SSE: committed text only, then a finish chunk per prompt, usage if asked, [DONE]."""
-    requests, queue = submit(engine, llm, prepared)  # errors (429, 503) before the stream starts
+    requests, queue = submit(engine, llm, prepared, call.return_steps)  # errors (429, 503) before the stream starts
+
+    def token_text(token_id: int) -> str:
+        return llm.tokenizer.decode([token_id], skip_special_tokens=False)
 
     async def events():
         trackers = [TextTracker(llm.tokenizer.decode, r.seq.params.stop) for r in requests]
+        formatters = [StepFormatter(token_text, lambda r=r: r.seq.params.mode) for r in requests]
         finals: dict[int, Update] = {}
         try:
             if call.kind == "chat":
@@ -148,6 +158,9 @@ def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Streami
                     yield sse(_chunk(call, i, {"role": "assistant", "content": ""}))
             while len(finals) < len(requests):
                 index, update = await queue.get()
+                if isinstance(update, Step):
+                    yield sse(step_chunk(call.head(chunk=True), formatters[index].step(index, update)))
+                    continue
                 if update.finish_reason in ("error", "abort"):
                     err = _failure(update)
                     yield sse(error_body(err.message, "server_error", None, err.code))

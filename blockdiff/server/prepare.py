@@ -20,6 +20,9 @@ class Prepared:
 
 
 def _unsupported(req: CommonRequest) -> None:
+    if req.return_steps and not req.stream:
+        raise APIError(400, "return_steps is only valid with stream: true (step events are stream chunks)",
+                       "return_steps", "invalid_value")
     if req.n != 1:
         raise APIError(400, f"n must be 1 (got {req.n}); send one request per sample", "n", "unsupported")
     for name in ("presence_penalty", "frequency_penalty"):
@@ -98,6 +101,9 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
     infill = bool(req.suffix)
     if infill and req.stream and len(prompts) > 1:
         raise APIError(400, "send one prompt per streaming fill-in-the-middle request", "prompt", "unsupported")
+    if infill and req.return_steps:
+        raise APIError(400, "return_steps is not supported with suffix (fill-in-the-middle)", "return_steps",
+                       "unsupported")
     mode = _mode(req, cfg, llm, infill)
     suffix_ids = llm.tokenizer.encode(req.suffix) if infill else None
     out = []

@@ -47,6 +47,7 @@ class CommonRequest(BaseModel):
     mode: str | None = None
     block_length: int | None = None
     threshold: Number | None = None
+    return_steps: bool = False  # stream step events too (server/steps.py); needs stream: true
 
     @property
     def include_usage(self) -> bool:

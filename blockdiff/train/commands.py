@@ -1,4 +1,4 @@
-"""CLI: `blockdiff train`, `blockdiff convert`, `blockdiff plot-train`, `blockdiff tokenizer train`.
+"""CLI: `blockdiff train`, `convert`, `distill`, `plot-train` and `tokenizer train`.
 
 Every config field can be overridden after --config: by dotted path (`--optim.lr 3e-4`,
 `--model.num_layers 4`) or by its bare name where that is unique (`--lr 3e-4`,
@@ -71,6 +71,19 @@ def cmd_tokenizer_train(args) -> None:
     print(f"{args.out}: {tok.vocab_size} tokens from {len(files)} files; special ids {special_ids(tok)}")
 
 
+def cmd_distill(args) -> None:
+    from blockdiff.engine.llm import LLM
+    from blockdiff.train.distill import distill, read_prompts
+    prompts = read_prompts(args.prompts)
+    if args.limit:
+        prompts = prompts[:args.limit]
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    written = distill(llm, prompts, args.out, batch_size=args.batch_size, chat=not args.raw,
+                      log=lambda m: print(m, file=sys.stderr), mode="ar",
+                      max_new_tokens=args.max_new_tokens, temperature=0.0)
+    print(f"{args.out}: {written} new records")
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="YAML (or TOML/JSON) training config")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
@@ -97,6 +110,21 @@ def register(sub) -> None:
     c.add_argument("--out", default=None, help="run directory (run.out_dir)")
     _add_overrides(c, skip=("model", "target", "base_model"))
     c.set_defaults(func=cmd_convert)
+
+    d = sub.add_parser("distill", help="write a model's own greedy answers to prompts (drafter training data)",
+                       description="Self-distillation: answer each JSONL prompt ({'prompt'} or {'messages'}) "
+                                   "with the model's temperature-0 AR output; append-only and resumable.")
+    d.add_argument("prompts", help="JSONL of prompts")
+    d.add_argument("--out", required=True, help="output JSONL (extended if it exists)")
+    d.add_argument("--model", default=None, help="HF/NLD dir, .gguf or a name in models/ (default: SmolLM2)")
+    d.add_argument("--adapter", default=None)
+    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    d.add_argument("--device", default="cpu")
+    d.add_argument("--max-new-tokens", type=int, default=256)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--limit", type=int, default=None, help="answer only the first N prompts")
+    d.add_argument("--raw", action="store_true", help="plain completion, no chat template")
+    d.set_defaults(func=cmd_distill)
 
     pl = sub.add_parser("plot-train", help="draw a run's AR and diffusion loss curves to a PNG")
     pl.add_argument("run_dir")

@@ -66,7 +66,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
     setup = build(cfg)
     model = setup.model.to(d.device)
     train_data, val_data = load_data(cfg.data, setup.tokenizer)
-    objective = ObjectiveModule(model, cfg.objective)
+    objective = ObjectiveModule(model, cfg.objective, draft_only=cfg.target == "lora")
     sharded = d.active and cfg.run.parallel == "fsdp"
     wrapped = D.wrap(objective, d, cfg.run.parallel)
     names = list(setup.trainable)

@@ -93,6 +93,11 @@ def build(cfg: TrainConfig) -> Setup:
     if not attached:
         raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.dtype)
+    if low is not None:  # a frozen base needs no fp32 master copy: half the memory traffic
+        for name, p in model.named_parameters():
+            if name not in trainable:
+                p.data = p.data.to(low)
     return Setup(model, tokenizer, trainable)
 
 

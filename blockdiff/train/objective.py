@@ -9,6 +9,11 @@ Each clean sequence x_0 (length N) is paired with a noised copy x_t; the model r
 Diffusion CE is taken at masked positions of the noisy half against x_0 at the SAME
 position (no shift) and divided by the masking probability; AR CE is next-token CE on the
 clean half. The caller divides both sums by global token counts (see `counts`).
+
+A draft-only LoRA cannot change the clean half (its adapter is off there, and clean queries
+never see noisy keys), so for that target the clean half runs once without autograd into a
+KV cache and only the noisy half is differentiated: the same loss and gradients, about half
+the compute (`draft_only`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
 
 
@@ -104,31 +110,64 @@ def counts(loss_mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([loss_mask[:, 1:].sum(), loss_mask.sum()]).double()
 
 
+class FrozenPrefix:
+    """The clean half's keys/values as a read-only cache: the noisy pass attends to them and
+    to its own keys without writing in place (in-place cache writes would break autograd)."""
+
+    def __init__(self, cache: KVCache):
+        self.k, self.v = cache.k, cache.v  # (layers, B, Hkv, N, D)
+        self.lengths = cache.lengths
+        self.span = 0
+
+    def begin(self, num_new: int) -> None:
+        self.span = self.k.shape[3] + num_new
+
+    def update(self, layer: int, k_new: torch.Tensor, v_new: torch.Tensor):
+        k, v = self.k[layer].to(k_new.dtype), self.v[layer].to(v_new.dtype)  # autocast: match the new keys
+        return torch.cat([k, k_new], dim=2), torch.cat([v, v_new], dim=2)  # (B, Hkv, span, D)
+
+
 class ObjectiveModule(nn.Module):
     """Wraps the model so that DDP/FSDP see one forward: batch -> (ar_sum, diff_sum)."""
 
-    def __init__(self, model: Transformer, cfg: ObjectiveConfig):
+    def __init__(self, model: Transformer, cfg: ObjectiveConfig, draft_only: bool = False):
         super().__init__()
         self.model, self.cfg = model, cfg
+        self.draft_only = draft_only and cfg.kind == "joint"  # only the draft adapter trains
+
+    def halves(self, xt: torch.Tensor, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final hidden states (noisy (B, N, hidden), clean (B, N, hidden)) under the block-diff mask."""
+        B, N = x0.shape
+        if self.draft_only:
+            cache = KVCache(self.model.config, B, N, self.model.dtype, x0.device)
+            with torch.no_grad():
+                clean = self.model(x0, None, cache, "causal")  # (B, N, hidden)
+            cache.advance(N)
+            full = block_diff_mask(N, self.cfg.block_size, x0.device)[:N]  # (N, 2N): noisy rows, [noisy | clean] keys
+            mask = torch.cat([full[:, N:], full[:, :N]], dim=1)  # (N, 2N): keys in cache order [clean | noisy]
+            positions = torch.arange(N, device=x0.device).expand(B, N)  # (B, N)
+            gate = torch.ones(B, N, dtype=torch.bool, device=x0.device)
+            return self.model(xt, positions, FrozenPrefix(cache), mask, adapter_gate=gate), clean
+        positions = torch.arange(N, device=x0.device).repeat(2).expand(B, 2 * N)  # (B, 2N)
+        mask = block_diff_mask(N, self.cfg.block_size, x0.device)
+        # The draft adapter (if any) runs on the noisy half only: the AR half is the base model.
+        gate = torch.zeros(B, 2 * N, dtype=torch.bool, device=x0.device)
+        gate[:, :N] = True
+        hidden = self.model(torch.cat([xt, x0], dim=1), positions=positions, pattern=mask,
+                            adapter_gate=gate)  # (B, 2N, hidden)
+        return hidden[:, :N], hidden[:, N:]
 
     def forward(self, xt: torch.Tensor, x0: torch.Tensor, loss_mask: torch.Tensor,
                 masked: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        B, N = x0.shape
         if self.cfg.kind == "ar":
             clean = self.model(x0, pattern="causal")  # (B, N, hidden)
             noisy = None
         else:
-            positions = torch.arange(N, device=x0.device).repeat(2).expand(B, 2 * N)  # (B, 2N)
-            mask = block_diff_mask(N, self.cfg.block_size, x0.device)
-            # The draft adapter (if any) runs on the noisy half only: the AR half is the base model.
-            gate = torch.zeros(B, 2 * N, dtype=torch.bool, device=x0.device)
-            gate[:, :N] = True
-            hidden = self.model(torch.cat([xt, x0], dim=1), positions=positions, pattern=mask,
-                                adapter_gate=gate)  # (B, 2N, hidden)
-            noisy, clean = hidden[:, :N], hidden[:, N:]
+            noisy, clean = self.halves(xt, x0)
         ar_targets = loss_mask[:, 1:]
-        ar_logits = self.model.logits(clean[:, :-1][ar_targets])  # (n_ar, vocab)
-        ar_sum = F.cross_entropy(ar_logits, x0[:, 1:][ar_targets], reduction="sum")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.draft_only):  # a constant then
+            ar_logits = self.model.logits(clean[:, :-1][ar_targets])  # (n_ar, vocab)
+            ar_sum = F.cross_entropy(ar_logits, x0[:, 1:][ar_targets], reduction="sum")
         if noisy is None or not bool(masked.any()):
             diff_sum = noisy.sum() * 0.0 if noisy is not None else ar_sum * 0.0  # keeps every parameter in the graph
         else:

@@ -1,0 +1,84 @@
+"""mode="auto": pick the fastest lossless mode from measured throughput at the current load.
+
+Self-speculation pays only when the draft is accepted often enough to cover a step that
+costs two block-wide forwards, and only while the hardware has compute to spare: a CPU at
+batch 32, or a model without a trained drafter, makes `linear_spec` slower than `ar`.
+Neither can be known in advance, so the selector measures. Every decode step of every mode
+reports (rows, tokens committed, seconds); tokens per second of step time, an EMA per
+(mode, load bucket), is the score. Load is the number of sequences decoded together.
+
+- Only lossless candidates (`ar` and the spec modes): at temperature 0 an auto request's
+  output equals `ar`'s whatever is chosen.
+- A candidate with too few measured steps in the bucket is tried first (exploration), and
+  every `refresh_every`-th decision re-tries the best of the others, so a drafter that
+  improves or a workload that changes is noticed.
+- The choice is made once per request, when it is scheduled; a sequence never switches mode.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+LOSSLESS = ("ar", "linear_spec", "quad_spec")
+LOAD_BUCKETS = (1, 4, 16)  # rows <= 1, <= 4, <= 16, more
+
+
+def load_bucket(rows: int) -> int:
+    return next((i for i, limit in enumerate(LOAD_BUCKETS) if rows <= limit), len(LOAD_BUCKETS))
+
+
+@dataclass
+class Throughput:
+    tokens_per_s: float = 0.0  # EMA over steps
+    steps: int = 0
+
+
+@dataclass
+class AutoMode:
+    candidates: tuple[str, ...] = ("ar", "linear_spec")
+    min_steps: int = 8  # steps a candidate needs in a bucket before its EMA is trusted
+    refresh_every: int = 32  # every Nth decision in a bucket re-measures a runner-up
+    smoothing: float = 0.1  # EMA weight of a new step
+    stats: dict[tuple[str, int], Throughput] = field(default_factory=dict)
+    decisions: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self):
+        bad = [m for m in self.candidates if m not in LOSSLESS]
+        if bad or not self.candidates:
+            raise ValueError(f"auto mode candidates must be among {', '.join(LOSSLESS)}, got {list(self.candidates)}")
+
+    def record(self, mode: str, rows: int, tokens: int, seconds: float) -> None:
+        """One decode step of `rows` sequences in `mode` committed `tokens` in `seconds`."""
+        if mode not in self.candidates or seconds <= 0:
+            return
+        with self.lock:
+            stat = self.stats.setdefault((mode, load_bucket(rows)), Throughput())
+            rate = tokens / seconds
+            weight = 1.0 if stat.steps == 0 else self.smoothing
+            stat.tokens_per_s += weight * (rate - stat.tokens_per_s)
+            stat.steps += 1
+
+    def choose(self, rows: int) -> str:
+        """The mode for a request that will be decoded alongside about `rows` sequences."""
+        bucket = load_bucket(rows)
+        with self.lock:
+            n = self.decisions[bucket] = self.decisions.get(bucket, 0) + 1
+            measured = {m: self.stats.get((m, bucket), Throughput()) for m in self.candidates}
+            unexplored = [m for m in self.candidates if measured[m].steps < self.min_steps]
+            if unexplored:
+                return unexplored[0]
+            ranked = sorted(self.candidates, key=lambda m: measured[m].tokens_per_s, reverse=True)
+            if len(ranked) > 1 and n % self.refresh_every == 0:
+                return ranked[1]
+            return ranked[0]
+
+    def report(self) -> dict:
+        """{bucket label: {mode: {"tokens_per_s", "steps"}}} for /get_server_info and benchmarks."""
+        labels = [f"<={b}" for b in LOAD_BUCKETS] + [f">{LOAD_BUCKETS[-1]}"]
+        with self.lock:
+            out: dict[str, dict] = {}
+            for (mode, bucket), stat in sorted(self.stats.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+                out.setdefault(labels[bucket], {})[mode] = {"tokens_per_s": round(stat.tokens_per_s, 2),
+                                                            "steps": stat.steps}
+            return out
