@@ -29,6 +29,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row, in fp32. PyTorch's CPU flash kernel has nothing to
+    tile with one query: measured 10.6 ms vs 1.1 ms at batch 16 over 300 keys in bf16."""
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    q = q.float().reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): the G query heads sharing a KV head
+    scores = q @ k.float().transpose(-1, -2) * D ** -0.5  # (B, Hkv, G, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
+    y = torch.softmax(scores, dim=-1) @ v.float()  # (B, Hkv, G, D)
+    return y.reshape(B, H, 1, D).to(v.dtype)  # (B, H, 1, D)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,8 +62,11 @@ class Attention(nn.Module):
             q = q * q_scale
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, span, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
+        if T == 1 and q.device.type == "cpu":
+            y = one_query_attention(q, k, v, mask)  # (B, H, 1, D)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                               enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y, gate)
 
