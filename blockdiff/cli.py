@@ -8,7 +8,7 @@ import importlib
 import json
 import sys
 
-from blockdiff.sampling import MODES, SamplingParams
+from blockdiff.sampling import DECODING_MODES, MODES, SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
 
 
-COMMAND_MODULES: list[str] = ["blockdiff.train.commands", "blockdiff.server.commands"]
+COMMAND_MODULES: list[str] = ["blockdiff.train.commands", "blockdiff.server.commands", "blockdiff.bench.commands",
+                                 "blockdiff.evaluation.commands"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     cmp_ = sub.add_parser("compare", help="decode one prompt in every mode and tabulate the metrics")
     _add_model_args(cmp_)
-    cmp_.add_argument("--modes", default=",".join(MODES))
+    cmp_.add_argument("--modes", default=",".join(DECODING_MODES))
     cmp_.add_argument("--quad-block-length", type=int, default=None,
                       help="block length for quad_spec, whose fused pass costs L*(L+1) tokens (default: --block-length)")
     cmp_.set_defaults(func=cmd_compare)
