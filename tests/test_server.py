@@ -67,6 +67,19 @@ def test_completion_in_each_mode_equals_llm_generate(llm, client, mode):
     assert (metrics["acceptance"] is not None) == mode.endswith("spec")
 
 
+def test_auto_mode_is_lossless_and_reports_what_it_measured(server, llm, client):
+    """The server's default mode: each request gets a measured-fastest lossless mode."""
+    modes = set()
+    for prompt in PROMPTS * 3:
+        r = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"return_token_ids": True})  # no mode: the default, auto
+        assert r.model_dump()["choices"][0]["token_ids"] == reference(llm, prompt, max_new_tokens=10)
+        modes.add(r.model_dump()["metrics"]["mode"])
+    assert modes <= {"ar", "linear_spec"} and "ar" in modes
+    measured = httpx.get(server.url + "/get_server_info").json()["auto_mode"]["measured"]
+    assert measured["<=1"]["ar"]["steps"] > 0 and measured["<=1"]["ar"]["tokens_per_s"] > 0
+
+
 def test_chat_applies_the_template(llm, client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
     r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=9, temperature=0,
