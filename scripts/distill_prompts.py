@@ -52,7 +52,9 @@ handle exceptions|use list comprehensions|parse JSON|format a string|use f-strin
 measure how long code takes|make an HTTP request|use a virtual environment|write a unit test|use a set|
 create a generator|use lambda functions|convert a string to an integer|join a list of strings""".replace("\n", "").split("|")
 # topics of benchmarks/ prompt sets and the evaluation tasks: never trained on
-HELD_OUT = re.compile(r"sky is blue|prime|focused while studying|romeo|reverse a list|pancake", re.IGNORECASE)
+HELD_OUT = re.compile(r"sky is blue|prime|focused while studying|romeo|reverse a list|pancake|seasons|refrigerator|"
+                      r"autumn|stack and a queue|binary search|tides|clear email|suspension bridge|lighthouse|"
+                      r"occurrences of each", re.IGNORECASE)
 
 
 def templated() -> list[str]:

@@ -77,7 +77,7 @@ def test_missing_prompt_set_and_builtin_sets(tmp_path):
         load_prompts(str(tmp_path / "nope.jsonl"))
     assert {"chat", "code"} <= set(builtin_sets())
     chat, code = load_prompts("chat"), load_prompts("code")
-    assert len(chat) == len(code) == 6 and all(p.is_chat for p in chat) and not any(p.is_chat for p in code)
+    assert len(chat) == 16 and len(code) == 6 and all(p.is_chat for p in chat) and not any(p.is_chat for p in code)
 
 
 # --- configurations --------------------------------------------------------------------------
