@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench results clean-venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -24,6 +24,10 @@ test: $(VENV_STAMP)
 
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/modes.py
+
+# every number in benchmarks/RESULTS.md (long: about two hours on 2 CPU cores)
+results: $(VENV_STAMP)
+	bash benchmarks/reproduce.sh
 
 clean-venv:
 	rm -rf .venv

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Re-run every measurement quoted in benchmarks/RESULTS.md, in the order of its sections.
+#   make results            (or: bash benchmarks/reproduce.sh [SECTION ...])
+# Sections: modes-default modes-tiny eval-default eval-tiny serve-tiny serve-trained
+# Each writes its raw output under bench-out/SECTION/ (JSON, markdown, PNGs, logs).
+# CPU timings are only comparable within one run: each command runs its modes round-robin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=bench-out
+sections=("$@")
+[ ${#sections[@]} -eq 0 ] && sections=(modes-default modes-tiny eval-default eval-tiny serve-tiny serve-trained)
+
+run() {  # run SECTION CMD...: echo the command, keep its log next to its outputs
+    local section=$1; shift
+    mkdir -p "$OUT/$section"
+    echo "== $section: $*"
+    "$@" 2>&1 | tee "$OUT/$section/log.txt"
+}
+
+for section in "${sections[@]}"; do
+    case $section in
+    modes-default)  # the default model = SmolLM2-135M-Instruct + the shipped drafter
+        run "$section" $PY benchmarks/modes.py --prompt-set chat --max-new-tokens 64 --block-lengths 32 \
+            --quad-block-length 8 --thresholds 0.5,0.7,0.9 --repeats 2 --out "$OUT/$section" ;;
+    modes-tiny)
+        run "$section" $PY benchmarks/modes.py --model tiny --prompt-set code --max-new-tokens 64 \
+            --block-lengths 16,32 --quad-block-length 8 --thresholds 0.5,0.9 --repeats 2 --out "$OUT/$section" ;;
+    eval-default)
+        run "$section" $PY -m blockdiff.cli eval --tasks code,qa --modes ar,diffusion,linear_spec,quad_spec,auto \
+            --thresholds 0.5,0.7,0.9 --block-length 32 --quad-block-length 8 --out "$OUT/$section" ;;
+    eval-tiny)
+        run "$section" $PY -m blockdiff.cli eval --model tiny --tasks code --modes ar,diffusion,linear_spec,quad_spec \
+            --thresholds 0.5,0.9 --block-length 32 --quad-block-length 8 --max-new-tokens 64 --out "$OUT/$section" ;;
+    serve-tiny)  # the tests' random model, float32, 1 thread
+        run "$section-linear_spec" $PY benchmarks/serve_load.py --tiny
+        run "$section-ar" $PY benchmarks/serve_load.py --tiny --mode ar
+        run "$section-diffusion" $PY benchmarks/serve_load.py --tiny --mode diffusion --block-length 8 ;;
+    serve-trained)
+        for mode in ar linear_spec diffusion auto; do
+            run "$section-$mode" $PY benchmarks/serve_load.py --model tiny --mode "$mode" --num-requests 64 \
+                --max-tokens 64 --concurrency 1,32 --dtype bfloat16 --threads 2
+        done ;;
+    *) echo "unknown section $section" >&2; exit 2 ;;
+    esac
+done
