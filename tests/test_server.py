@@ -10,11 +10,10 @@ import openai
 import pytest
 import torch
 
-from blockdiff.engine.llm import LLM
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.app import build_app
 from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, make_tiny_checkpoint
+from test_server_support import ServerThread, one_thread_llm
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
 PROMPTS = ["the cat sat", "hello there", "def main():", "the mat on"]
@@ -22,10 +21,8 @@ PROMPTS = ["the cat sat", "hello there", "def main():", "the mat on"]
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: one thread is faster than contended ones
-    yield LLM(make_tiny_checkpoint(str(tmp_path_factory.mktemp("srv") / "tiny")), dtype="float32")
-    torch.set_num_threads(threads)
+    with one_thread_llm(tmp_path_factory.mktemp("srv")) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")

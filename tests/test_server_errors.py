@@ -9,24 +9,20 @@ import time
 import httpx
 import openai
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blockdiff.engine.llm import LLM
 from blockdiff.server.app import build_app
 from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, make_tiny_checkpoint
+from test_server_support import ServerThread, one_thread_llm
 
 BODY_LIMIT = 64 * 1024
 
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LLM(make_tiny_checkpoint(str(tmp_path_factory.mktemp("err") / "tiny")), dtype="float32")
-    torch.set_num_threads(threads)
+    with one_thread_llm(tmp_path_factory.mktemp("err")) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")

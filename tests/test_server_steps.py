@@ -8,13 +8,11 @@ import json
 import httpx
 import openai
 import pytest
-import torch
 
-from blockdiff.engine.llm import LLM
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.app import build_app
 from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, make_tiny_checkpoint
+from test_server_support import ServerThread, one_thread_llm
 
 KINDS = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}, "linear_spec": {"draft", "verify", "commit"},
          "quad_spec": {"draft", "verify", "commit"}}
@@ -22,10 +20,8 @@ KINDS = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}, "linear_spec": {"
 
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield LLM(make_tiny_checkpoint(str(tmp_path_factory.mktemp("steps") / "tiny")), dtype="float32")
-    torch.set_num_threads(threads)
+    with one_thread_llm(tmp_path_factory.mktemp("steps")) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,14 @@
 a real uvicorn server on a free loopback port, run in a background thread."""
 from __future__ import annotations
 
-import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
+import torch
 
 from blockdiff.model.checkpoint import save_checkpoint
 from helpers import tiny_model, tiny_tokenizer
@@ -20,6 +22,19 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
     model = tiny_model(seed, vocab=vocab, max_position_embeddings=512)
     model.config.eos_token_ids = list(tok.eos_token_ids)
     return save_checkpoint((model.config, model.state_dict(), tok), out_dir)
+
+
+@contextmanager
+def one_thread_llm(directory) -> Iterator:
+    """An LLM on a fresh tiny checkpoint, with torch on one thread while it is in use (the
+    machine is shared: one thread is faster than contended ones)."""
+    from blockdiff.engine.llm import LLM
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield LLM(make_tiny_checkpoint(str(directory / "tiny")), dtype="float32")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def free_port() -> int:
