@@ -4,8 +4,12 @@ Self-speculation pays only when the draft is accepted often enough to cover a st
 costs two block-wide forwards, and only while the hardware has compute to spare: a CPU at
 batch 32, or a model without a trained drafter, makes `linear_spec` slower than `ar`.
 Neither can be known in advance, so the selector measures. Every decode step of every mode
-reports (rows, tokens committed, seconds); tokens per second of step time, an EMA per
-(mode, load bucket), is the score. Load is the number of sequences decoded together.
+reports (load, tokens committed, seconds); tokens per second of step time, an EMA per
+(mode, load bucket), is the score. Load is the number of sequences running, across all
+modes, both when a step is recorded and when a request is placed: otherwise a mode tried by
+a few requests amid many would only ever be measured at a small load, and stay "unexplored"
+at the large one. The price is a bias toward the mode that already holds most rows (its
+batch is fuller), which under load is the safe side: speculation is what needs spare compute.
 
 - Only lossless candidates (`ar` and the spec modes): at temperature 0 an auto request's
   output equals `ar`'s whatever is chosen.

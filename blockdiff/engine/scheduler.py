@@ -190,12 +190,13 @@ class Engine:
                     group.batch.abort(request.seq)
             self._settle(group)
             if group.requests:
-                rows, started = len(group.requests), time.perf_counter()
+                # load as `_admit` sees it when choosing for mode="auto": every running sequence
+                load, started = self.num_running, time.perf_counter()
                 emitted = sum(len(r.seq.output_ids) for r in group.requests)
                 try:
                     group.step(group.batch)
                     emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
-                    self.auto.record(key[0], rows, max(emitted, 0), time.perf_counter() - started)
+                    self.auto.record(key[0], load, max(emitted, 0), time.perf_counter() - started)
                 except Exception as e:
                     log.error("decode step failed: %r\n%s", e, traceback.format_exc())
                     for request in group.requests:
