@@ -16,6 +16,9 @@ from blockdiff.tokenizer import Tokenizer
 from blockdiff.train.config import TrainConfig
 from blockdiff.train.tokenizer_train import special_ids
 
+# run.dtype -> the autocast dtype of the forward (fp32: no autocast)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 @dataclass
 class Setup:
@@ -93,7 +96,7 @@ def build(cfg: TrainConfig) -> Setup:
     if not attached:
         raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.run.dtype)
+    low = AUTOCAST_DTYPES.get(cfg.run.dtype)
     if low is not None:  # a frozen base needs no fp32 master copy: half the memory traffic
         for name, p in model.named_parameters():
             if name not in trainable:
