@@ -3,9 +3,10 @@ import json
 
 import pytest
 
+from blockdiff.bench.prompts import Prompt, load_prompts
 from blockdiff.engine.llm import LLM
 from blockdiff.train.data import iter_documents
-from blockdiff.train.distill import count_lines, distill, read_prompts
+from blockdiff.train.distill import count_lines, distill
 from helpers import save_tiny_checkpoint
 
 
@@ -17,11 +18,11 @@ def write_prompts(path, records) -> str:
 def test_bad_prompt_lines_are_named(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"prompt": "ok"}\n\n{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:3: a prompt record needs"):
-        read_prompts(str(bad))
+    with pytest.raises(ValueError, match=r'p.jsonl:3: expected exactly one of "prompt" or "messages"'):
+        load_prompts(str(bad))
     bad.write_text('{"prompt": "ok"}\nnot json\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: not JSON"):
-        read_prompts(str(bad))
+    with pytest.raises(ValueError, match=r"p.jsonl:2: Expecting value"):
+        load_prompts(str(bad))
 
 
 def test_a_torn_last_line_is_cut_off(tmp_path):
@@ -34,7 +35,7 @@ def test_a_torn_last_line_is_cut_off(tmp_path):
 
 def test_distill_writes_greedy_answers_and_resumes(tmp_path):
     llm = LLM(save_tiny_checkpoint(tmp_path / "m"), dtype="float32")
-    prompts = read_prompts(write_prompts(tmp_path / "p.jsonl", [
+    prompts = load_prompts(write_prompts(tmp_path / "p.jsonl", [
         {"prompt": "the cat sat"}, {"messages": [{"role": "user", "content": "hello there"}]},
         {"prompt": "def main():"}]))
     out = str(tmp_path / "d.jsonl")
@@ -55,7 +56,7 @@ def test_distill_writes_greedy_answers_and_resumes(tmp_path):
 def test_raw_prompts_give_prompt_completion_records(tmp_path):
     llm = LLM(save_tiny_checkpoint(tmp_path / "m"), dtype="float32")
     out = str(tmp_path / "d.jsonl")
-    distill(llm, [{"prompt": "the cat"}], out, batch_size=4, chat=False, log=lambda _: None,
+    distill(llm, [Prompt(text="the cat")], out, batch_size=4, chat=False, log=lambda _: None,
             mode="ar", max_new_tokens=4, temperature=0.0)
     record = json.loads(open(out).read())
     assert record == {"prompt": "the cat", "completion": llm.generate("the cat", max_new_tokens=4,

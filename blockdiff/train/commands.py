@@ -73,8 +73,9 @@ def cmd_tokenizer_train(args) -> None:
 
 def cmd_distill(args) -> None:
     from blockdiff.engine.llm import LLM
-    from blockdiff.train.distill import distill, read_prompts
-    prompts = read_prompts(args.prompts)
+    from blockdiff.bench.prompts import load_prompts
+    from blockdiff.train.distill import distill
+    prompts = load_prompts(args.prompts)
     if args.limit:
         prompts = prompts[:args.limit]
     llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
@@ -114,7 +115,7 @@ def register(sub) -> None:
     d = sub.add_parser("distill", help="write a model's own greedy answers to prompts (drafter training data)",
                        description="Self-distillation: answer each JSONL prompt ({'prompt'} or {'messages'}) "
                                    "with the model's temperature-0 AR output; append-only and resumable.")
-    d.add_argument("prompts", help="JSONL of prompts")
+    d.add_argument("prompts", help="JSONL of prompts ({'prompt'} or {'messages'} lines), or a built-in bench set")
     d.add_argument("--out", required=True, help="output JSONL (extended if it exists)")
     d.add_argument("--model", default=None, help="HF/NLD dir, .gguf or a name in models/ (default: SmolLM2)")
     d.add_argument("--adapter", default=None)

@@ -2,9 +2,10 @@
 
 A draft adapter is only as fast as the verifier's acceptance of its drafts, so the best
 training text for it is exactly what the verifier would write: its temperature-0 answers.
-Output records are {"messages": [..., {"role": "assistant", ...}]} (or {"prompt",
-"completion"} for raw prompts), the formats `blockdiff convert` trains on, prompt outside
-the loss. Writing is append-only and resumable: records already in the output are skipped.
+Prompts are a prompt set as `blockdiff bench` reads them (blockdiff.bench.prompts). Output
+records are {"messages": [..., {"role": "assistant", ...}]} (or {"prompt", "completion"}
+for raw prompts), the formats `blockdiff convert` trains on, prompt outside the loss.
+Writing is append-only and resumable: records already in the output are skipped.
 """
 from __future__ import annotations
 
@@ -13,23 +14,7 @@ import os
 import time
 from collections.abc import Callable
 
-
-def read_prompts(path: str) -> list[dict]:
-    """JSONL records with "prompt" (raw text) or "messages" (a chat without the answer)."""
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(record, dict) or not (isinstance(record.get("prompt"), str)
-                                                    or isinstance(record.get("messages"), list)):
-                raise ValueError(f"{path}:{n}: a prompt record needs 'prompt' (string) or 'messages' (list)")
-            records.append(record)
-    return records
+from blockdiff.bench.prompts import Prompt
 
 
 def count_lines(path: str) -> int:
@@ -44,7 +29,7 @@ def count_lines(path: str) -> int:
     return data[:keep].count(b"\n")
 
 
-def distill(llm, prompts: list[dict], out_path: str, *, batch_size: int, chat: bool,
+def distill(llm, prompts: list[Prompt], out_path: str, *, batch_size: int, chat: bool,
             log: Callable[[str], None] = print, **params) -> int:
     """Answer prompts[done:] in batches, appending one record per prompt; returns records written."""
     done = count_lines(out_path)
@@ -66,16 +51,19 @@ def distill(llm, prompts: list[dict], out_path: str, *, batch_size: int, chat: b
     return len(prompts) - done
 
 
-def _answer(llm, batch: list[dict], chat: bool, params: dict):
+def _conversation(prompt: Prompt) -> list[dict]:
+    return list(prompt.messages) if prompt.is_chat else [{"role": "user", "content": prompt.text}]
+
+
+def _answer(llm, batch: list[Prompt], chat: bool, params: dict):
     if chat:
-        conversations = [r["messages"] if "messages" in r else [{"role": "user", "content": r["prompt"]}]
-                         for r in batch]
-        return llm.chat(conversations, use_tqdm=False, **params)
-    return llm.generate([r["prompt"] for r in batch], use_tqdm=False, **params)
+        return llm.chat([_conversation(p) for p in batch], use_tqdm=False, **params)
+    if any(p.is_chat for p in batch):
+        raise ValueError("--raw needs {\"prompt\"} records; a {\"messages\"} record needs the chat template")
+    return llm.generate([p.text for p in batch], use_tqdm=False, **params)
 
 
-def _with_answer(record: dict, answer: str, chat: bool) -> dict:
+def _with_answer(prompt: Prompt, answer: str, chat: bool) -> dict:
     if not chat:
-        return {"prompt": record["prompt"], "completion": answer}
-    messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
-    return {"messages": [*messages, {"role": "assistant", "content": answer}]}
+        return {"prompt": prompt.text, "completion": answer}
+    return {"messages": [*_conversation(prompt), {"role": "assistant", "content": answer}]}
