@@ -16,12 +16,9 @@ from pathlib import Path
 
 import openai
 import pytest
-import torch
 
 from blockdiff.engine.llm import LLM
-from blockdiff.server.app import build_app
-from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread
+from test_server_support import one_torch_thread, serving
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -48,13 +45,10 @@ def browser_missing() -> str | None:
 
 @pytest.fixture(scope="module")
 def server():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the machine is shared: one thread is faster than contended ones
-    llm = LLM(str(ROOT / "models" / "tiny"), dtype="float32")  # float32: spec modes equal ar exactly
-    srv = ServerThread(build_app(llm, ServerConfig(model="tiny", block_length=8))).start()
-    yield srv
-    srv.stop()
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        llm = LLM(str(ROOT / "models" / "tiny"), dtype="float32")  # float32: spec modes equal ar exactly
+        with serving(llm, model="tiny", block_length=8) as srv:
+            yield srv
 
 
 @pytest.fixture(scope="module")

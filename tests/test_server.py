@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from blockdiff.sampling import SamplingParams
-from blockdiff.server.app import build_app
-from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, one_thread_llm
+from test_server_support import one_thread_llm, serving
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
 PROMPTS = ["the cat sat", "hello there", "def main():", "the mat on"]
@@ -27,9 +25,8 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    srv = ServerThread(build_app(llm, ServerConfig(model=llm.model_path, block_length=4))).start()
-    yield srv
-    srv.stop()
+    with serving(llm, block_length=4) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")

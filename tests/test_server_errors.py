@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from blockdiff.server.app import build_app
 from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, one_thread_llm
+from test_server_support import ServerThread, one_thread_llm, serving
 
 BODY_LIMIT = 64 * 1024
 
@@ -27,10 +27,8 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    config = ServerConfig(model=llm.model_path, block_length=4, max_body_bytes=BODY_LIMIT)
-    srv = ServerThread(build_app(llm, config)).start()
-    yield srv
-    srv.stop()
+    with serving(llm, block_length=4, max_body_bytes=BODY_LIMIT) as srv:
+        yield srv
 
 
 def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> dict:
@@ -151,8 +149,7 @@ def test_fuzzed_requests_never_crash_the_server(server, path, body):
 
 
 def test_api_key_is_required_when_set(llm):
-    srv = ServerThread(build_app(llm, ServerConfig(model=llm.model_path, api_key="sekrit"))).start()
-    try:
+    with serving(llm, api_key="sekrit") as srv:
         url = srv.url + "/v1/completions"
         assert_error(httpx.post(url, json=OK), 401)
         assert_error(httpx.post(url, json=OK, headers={"Authorization": "Bearer wrong"}), 401)
@@ -162,8 +159,6 @@ def test_api_key_is_required_when_set(llm):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="bad", max_retries=0).models.list()
         assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
-    finally:
-        srv.stop()
 
 
 def test_full_queue_gets_429_and_a_stopped_engine_503(llm):

@@ -10,9 +10,7 @@ import openai
 import pytest
 
 from blockdiff.sampling import SamplingParams
-from blockdiff.server.app import build_app
-from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, one_thread_llm
+from test_server_support import one_thread_llm, serving
 
 KINDS = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}, "linear_spec": {"draft", "verify", "commit"},
          "quad_spec": {"draft", "verify", "commit"}}
@@ -26,9 +24,8 @@ def llm(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(llm):
-    srv = ServerThread(build_app(llm, ServerConfig(model=llm.model_path, block_length=4))).start()
-    yield srv
-    srv.stop()
+    with serving(llm, block_length=4) as srv:
+        yield srv
 
 
 def sse_chunks(url: str, body: dict) -> list[dict]:

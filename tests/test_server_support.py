@@ -25,16 +25,34 @@ def make_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
 
 
 @contextmanager
-def one_thread_llm(directory) -> Iterator:
-    """An LLM on a fresh tiny checkpoint, with torch on one thread while it is in use (the
-    machine is shared: one thread is faster than contended ones)."""
-    from blockdiff.engine.llm import LLM
+def one_torch_thread() -> Iterator[None]:
+    """The machine is shared: one thread is faster than contended ones."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        yield LLM(make_tiny_checkpoint(str(directory / "tiny")), dtype="float32")
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def one_thread_llm(directory) -> Iterator:
+    """A float32 LLM on a fresh tiny checkpoint in `directory`, torch on one thread while in use."""
+    from blockdiff.engine.llm import LLM
+    with one_torch_thread():
+        yield LLM(make_tiny_checkpoint(str(directory / "tiny")), dtype="float32")
+
+
+@contextmanager
+def serving(llm, **config) -> Iterator["ServerThread"]:
+    """A real uvicorn server for `llm`; `config` overrides ServerConfig fields."""
+    from blockdiff.server.app import build_app
+    from blockdiff.server.config import ServerConfig
+    server = ServerThread(build_app(llm, ServerConfig(**{"model": llm.model_path, **config}))).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def free_port() -> int:
