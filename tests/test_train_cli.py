@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from helpers import tiny_config
 from test_train_support import make_workspace, write_config
@@ -98,6 +99,26 @@ def test_convert_lora_keeps_the_ar_path_exactly(tmp_path, base_model):
     assert torch.equal(adapted(x), plain(x))  # AR (no gate): the base model, bit for bit
     gate = torch.ones(1, 12, dtype=torch.bool)
     assert not torch.allclose(adapted(x, adapter_gate=gate), plain(x, adapter_gate=gate))  # it learned
+
+
+def test_convert_lora_continues_from_an_adapter_and_reports_acceptance(tmp_path, base_model):
+    base, cfg = base_model
+    convert = ["convert", "--config", cfg, "--model", base, "--target", "lora"]
+    first = str(tmp_path / "first")
+    assert main(convert + ["--out", first, "--max_steps", "2", "--lora.r", "4", "--lora.alpha", "8"]) == 0
+    start = os.path.join(first, "final")
+    untouched = str(tmp_path / "untouched")  # no steps: the export is the adapter it started from
+    assert main(convert + ["--out", untouched, "--max_steps", "0", "--lora.init", start, "--lora.r", "16"]) == 0
+    before = load_file(os.path.join(start, "adapter_model.safetensors"))
+    after = load_file(os.path.join(untouched, "final", "adapter_model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    more = str(tmp_path / "more")
+    assert main(convert + ["--out", more, "--max_steps", "2", "--lora.init", start, "--eval_every", "2",
+                           "--val_fraction", "0.2", "--objective.draft_fraction", "0.5"]) == 0
+    last = [json.loads(line) for line in open(os.path.join(more, "metrics.jsonl"))][-1]
+    rates = last["val_accept_rate"]  # P(first k drafts accepted), k = 1..3 with blocks of 4
+    assert len(rates) == 3 and all(0 <= b <= a <= 1 for a, b in zip(rates, rates[1:]))
+    assert abs(last["val_accept_len"] - sum(rates)) < 1e-3
 
 
 def test_convert_full_writes_a_loadable_checkpoint(tmp_path, base_model):

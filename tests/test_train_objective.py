@@ -47,6 +47,23 @@ def test_noise_level_and_loss_mask():
     assert torch.equal(again.xt[0], batch.xt[5])
 
 
+def test_draft_shaped_noise_masks_all_but_each_blocks_first_token():
+    x0 = torch.arange(10).repeat(64, 1)  # (64, 10): blocks of 4 with a ragged last one
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    loss_mask[:, 5] = False
+    plain = add_noise(x0, loss_mask, 99, ObjectiveConfig(block_size=4), seeds=list(range(64)))
+    mixed = add_noise(x0, loss_mask, 99, ObjectiveConfig(block_size=4, draft_fraction=0.5), seeds=list(range(64)))
+    draft_shape = torch.tensor([False, True, True, True, False, False, True, True, False, True])
+    shaped = (mixed.masked == draft_shape).all(1)
+    assert 16 < int(shaped.sum()) < 48  # about half the sequences
+    assert (mixed.p[shaped] == 1.0).all()
+    # the others keep exactly the noise they had without the option
+    assert torch.equal(mixed.masked[~shaped], plain.masked[~shaped])
+    assert torch.equal(mixed.p[~shaped], plain.p[~shaped])
+    every = add_noise(x0, loss_mask, 99, ObjectiveConfig(block_size=4, draft_fraction=1.0), seeds=[3])
+    assert torch.equal(every.masked[0], draft_shape)
+
+
 def test_position_dependent_masking_rises_within_block_and_keeps_mean():
     cfg = ObjectiveConfig(block_size=8, position_dependent=True)
     t = torch.tensor([0.3, 0.5, 0.9])

@@ -47,6 +47,7 @@ class LoraConfig:
     r: int = 32
     alpha: float = 64.0
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
+    init: str | None = None  # a PEFT adapter directory to start from (its r, alpha and targets win)
 
 
 @dataclass

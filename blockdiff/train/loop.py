@@ -15,6 +15,7 @@ import yaml
 from blockdiff.train import checkpoint as ckpt
 from blockdiff.train import distributed as D
 from blockdiff.train import run_state
+from blockdiff.train.acceptance import draft_acceptance, summarize
 from blockdiff.train.batches import micro_batches
 from blockdiff.train.config import TrainConfig
 from blockdiff.train.data import load_data
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
                   "lr": lr, "grad_norm": float(grad_norm), "tokens": global_batch * cfg.data.seq_len,
                   "tokens_per_s": global_batch * cfg.data.seq_len / seconds, "step_s": seconds}
         if cfg.run.eval_every and val_data is not None and step % cfg.run.eval_every == 0:
-            record.update(evaluate(wrapped, objective, val_data, cfg, d, mask_id))
+            record.update(evaluate(wrapped, objective, val_data, cfg, d, mask_id, sharded))
         if d.main:
             if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or "val_ar_loss" in record:
                 metrics.write(record)
@@ -154,17 +155,25 @@ def save(cfg, objective, optimizer, scheduler, sampler, names, sharded, d, step)
 
 
 @torch.no_grad()
-def evaluate(wrapped, objective, val_data, cfg: TrainConfig, d: D.Dist, mask_id: int) -> dict:
-    """AR and diffusion loss on a fixed slice of the held-out sequences, with fixed noise."""
+def evaluate(wrapped, objective, val_data, cfg: TrainConfig, d: D.Dist, mask_id: int, sharded: bool) -> dict:
+    """AR and diffusion loss on a fixed slice of the held-out sequences, with fixed noise, and
+    (joint objective, unsharded) the teacher-forced draft acceptance on the same slice."""
+    drafting = cfg.objective.kind == "joint" and not sharded  # FSDP unshards only in the wrapped forward
     n = min(len(val_data), cfg.run.eval_batches * cfg.optim.micro_batch * d.world)
     ids = list(range(n))[d.rank::d.world]
     batches = micro_batches(val_data, ids, 0, cfg.optim.micro_batch, -1, cfg.run.seed, mask_id, cfg.objective, d.device)
     sums = torch.zeros(2, dtype=torch.float64, device=d.device)
     norms = torch.zeros(2, dtype=torch.float64, device=d.device)
+    accepted = torch.zeros(cfg.objective.block_size, dtype=torch.float64, device=d.device)
     for b in batches:
         with _autocast(cfg, d.device):
             sums += wrapped(b.xt, b.x0, b.loss_mask, b.masked, b.p).double()
+            if drafting:
+                accepted += draft_acceptance(objective, b.x0, b.loss_mask, mask_id)
         norms += counts(b.loss_mask)
     per_token = (D.all_sum(sums, d) / D.all_sum(norms, d).clamp(min=1)).tolist()
-    return {"val_ar_loss": per_token[0], "val_diff_loss": per_token[1] if cfg.objective.kind == "joint" else None}
+    record = {"val_ar_loss": per_token[0], "val_diff_loss": per_token[1] if cfg.objective.kind == "joint" else None}
+    if drafting:
+        record.update(summarize(D.all_sum(accepted, d)))
+    return record
 

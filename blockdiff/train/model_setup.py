@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from blockdiff.config import ModelConfig
+from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.registry import SMOLLM2_MASK_TOKEN_ID, resolve_model, smollm2_gguf_path
 from blockdiff.model.transformer import Transformer
@@ -88,13 +89,16 @@ def build(cfg: TrainConfig) -> Setup:
         return Setup(model, tokenizer, dict(model.named_parameters()))
     for p in model.parameters():
         p.requires_grad_(False)
-    attached = 0
-    for name, module in model.lora_modules().items():
-        if name.rsplit(".", 1)[-1] in cfg.lora.targets:
-            module.attach_lora(cfg.lora.r, cfg.lora.alpha)
-            attached += 1
-    if not attached:
-        raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
+    if cfg.lora.init:
+        load_adapter(model, cfg.lora.init)  # fp32 copies: attach_lora casts to the model's dtype
+    else:
+        attached = 0
+        for name, module in model.lora_modules().items():
+            if name.rsplit(".", 1)[-1] in cfg.lora.targets:
+                module.attach_lora(cfg.lora.r, cfg.lora.alpha)
+                attached += 1
+        if not attached:
+            raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
     low = AUTOCAST_DTYPES.get(cfg.run.dtype)
     if low is not None:  # a frozen base needs no fp32 master copy: half the memory traffic

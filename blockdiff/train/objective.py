@@ -37,12 +37,17 @@ class ObjectiveConfig:
     diff_weight: float = 0.3
     position_dependent: bool = False  # Efficient-DLM: mask later slots of a block more often
     position_beta: float | None = None  # None: ln(10) / block_size, so exp(-beta L) = 0.1
+    # Fraction of sequences noised the way self-speculation drafts: every block keeps its first
+    # token and masks the rest ([tok, MASK x (L-1)] after a clean prefix, SPEC section 3).
+    draft_fraction: float = 0.0
 
     def __post_init__(self):
         if self.kind not in ("joint", "ar"):
             raise ValueError(f"objective.kind must be 'joint' or 'ar', got {self.kind!r}")
         if self.block_size <= 0 or not 0 < self.eps < 1:
             raise ValueError("objective: block_size must be positive and eps in (0, 1)")
+        if not 0 <= self.draft_fraction <= 1:
+            raise ValueError(f"objective.draft_fraction must be in [0, 1], got {self.draft_fraction}")
 
 
 @dataclass
@@ -78,15 +83,24 @@ def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_token_id: int, cfg
     B, N = x0.shape
     t = torch.empty(B)
     draws = torch.empty(B, N)
+    draft_shaped = torch.zeros(B, dtype=torch.bool)
     for b, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
         t[b] = torch.rand((), generator=g)
         draws[b] = torch.rand(N, generator=g)
+        if cfg.draft_fraction:  # drawn last: runs without it keep their noise
+            draft_shaped[b] = torch.rand((), generator=g) < cfg.draft_fraction
     p = mask_probabilities(t, N, cfg)
-    masked = (draws < p) & loss_mask.cpu()
+    p[draft_shaped] = 1.0  # a drafted block is fully masked but for its first token
+    masked = torch.where(draft_shaped[:, None], draft_mask(N, cfg.block_size)[None, :], draws < p) & loss_mask.cpu()
     masked, p = masked.to(x0.device), p.to(x0.device)
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
     return NoisedBatch(x0=x0, loss_mask=loss_mask, xt=xt, masked=masked, p=p)
+
+
+def draft_mask(seq_len: int, block_size: int) -> torch.Tensor:
+    """(N,) bool: every slot but the first of each block, the shape of a self-speculation draft."""
+    return torch.arange(seq_len) % block_size != 0
 
 
 def block_diff_mask(seq_len: int, block_size: int, device=None) -> torch.Tensor:
