@@ -23,6 +23,19 @@ def test_unmeasured_candidates_are_tried_first():
     assert auto.choose(1) == "ar"  # both measured: the faster wins
 
 
+def test_a_burst_of_newcomers_costs_one_probe_per_candidate():
+    """32 requests placed before any step is measured: one tries each mode, the rest take the
+    first candidate, and an unexplored mode is re-probed only every `probe_every` decisions."""
+    auto = AutoMode(("ar", "linear_spec"), probe_every=16)
+    wave = [auto.choose(32) for _ in range(32)]
+    assert wave[:2] == ["ar", "linear_spec"] and wave.count("linear_spec") == 2  # decisions 2 and 18
+    feed(auto, "ar", 32, 300)  # ar measured, linear_spec's probes still running: the rest go to ar
+    later = [auto.choose(32) for _ in range(16)]  # decisions 33..48
+    assert later.count("linear_spec") == 1 and later[1] == "linear_spec"  # decision 34 = 18 + 16
+    feed(auto, "linear_spec", 32, 120)
+    assert auto.choose(32) == "ar"
+
+
 def test_choice_depends_on_load():
     """Speculation can win alone and lose in a full batch (compute-bound): buckets keep apart."""
     auto = AutoMode(("ar", "linear_spec"))

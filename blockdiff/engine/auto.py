@@ -13,9 +13,12 @@ batch is fuller), which under load is the safe side: speculation is what needs s
 
 - Only lossless candidates (`ar` and the spec modes): at temperature 0 an auto request's
   output equals `ar`'s whatever is chosen.
-- A candidate with too few measured steps in the bucket is tried first (exploration), and
-  every `refresh_every`-th decision re-tries the best of the others, so a drafter that
-  improves or a workload that changes is noticed.
+- A candidate with too few measured steps in the bucket is explored by one request, then by
+  at most one in every `probe_every` decisions until it has them; the requests in between go
+  to the best measured candidate (the first candidate while none is measured). A burst of
+  newcomers thus costs one probe, not a whole wave decoded in a slow mode. Every
+  `refresh_every`-th decision re-tries the best of the others, so a drafter that improves or a
+  workload that changes is noticed.
 - The choice is made once per request, when it is scheduled; a sequence never switches mode.
 """
 from __future__ import annotations
@@ -42,9 +45,11 @@ class AutoMode:
     candidates: tuple[str, ...] = ("ar", "linear_spec")
     min_steps: int = 8  # steps a candidate needs in a bucket before its EMA is trusted
     refresh_every: int = 32  # every Nth decision in a bucket re-measures a runner-up
+    probe_every: int = 16  # an unexplored candidate gets at most one request per this many decisions
     smoothing: float = 0.1  # EMA weight of a new step
     stats: dict[tuple[str, int], Throughput] = field(default_factory=dict)
     decisions: dict[int, int] = field(default_factory=dict)
+    probed_at: dict[tuple[str, int], int] = field(default_factory=dict)  # decision number of the last probe
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self):
@@ -69,10 +74,15 @@ class AutoMode:
         with self.lock:
             n = self.decisions[bucket] = self.decisions.get(bucket, 0) + 1
             measured = {m: self.stats.get((m, bucket), Throughput()) for m in self.candidates}
-            unexplored = [m for m in self.candidates if measured[m].steps < self.min_steps]
-            if unexplored:
-                return unexplored[0]
-            ranked = sorted(self.candidates, key=lambda m: measured[m].tokens_per_s, reverse=True)
+            explored = [m for m in self.candidates if measured[m].steps >= self.min_steps]
+            for m in self.candidates:
+                last = self.probed_at.get((m, bucket))
+                if m not in explored and (last is None or n - last >= self.probe_every):
+                    self.probed_at[(m, bucket)] = n
+                    return m
+            if not explored:
+                return self.candidates[0]  # probes are out; the rest wait on no measurement
+            ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True)
             if len(ranked) > 1 and n % self.refresh_every == 0:
                 return ranked[1]
             return ranked[0]
