@@ -2,6 +2,7 @@
 carry per-request events (even when requests share a batch), and add nothing else."""
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import json
 
@@ -10,6 +11,7 @@ import openai
 import pytest
 
 from blockdiff.sampling import SamplingParams
+from blockdiff.server.steps import Step, StepBacklog, StepFormatter
 from test_server_support import one_thread_llm, serving
 
 KINDS = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}, "linear_spec": {"draft", "verify", "commit"},
@@ -115,3 +117,24 @@ def test_events_reach_only_their_request_when_batches_are_shared(llm, server):
         commits = [t for c in chunks if "blockdiff_step" in c and c["blockdiff_step"]["kind"] == "commit"
                    for t in c["blockdiff_step"]["token_ids"]]
         assert commits == (expected if steps else []), (prompt, mode)
+
+
+def test_a_slow_reader_loses_step_events_never_text():
+    """Past the backlog limit step events are dropped (and counted); text updates still queue."""
+    async def scenario():
+        queue: asyncio.Queue = asyncio.Queue()
+        backlog = StepBacklog(queue, limit=2)
+        for n in range(5):
+            backlog.offer(0, Step("commit", {"n": n}))
+        queue.put_nowait((0, "an update"))  # updates go straight to the queue
+        waiting = [queue.get_nowait() for _ in range(queue.qsize())]
+        assert [item for _, item in waiting] == [Step("commit", {"n": 0}), Step("commit", {"n": 1}), "an update"]
+        backlog.taken()
+        backlog.taken()
+        backlog.offer(0, Step("commit", {"n": 5}))
+        _, step = queue.get_nowait()
+        assert step.payload == {"n": 5, "dropped_before": 3}
+        formatted = StepFormatter(str, lambda: "ar").step(0, Step("commit", {**step.payload, "tokens": [7], "nfe": 1,
+                                                                           "completion_tokens": 2}))
+        assert formatted["dropped_before"] == 3 and formatted["token_ids"] == [7]
+    asyncio.run(scenario())

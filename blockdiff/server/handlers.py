@@ -19,7 +19,7 @@ from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
 from blockdiff.engine.sequence import Sequence
 from blockdiff.server.errors import APIError, error_body
 from blockdiff.server.prepare import Prepared
-from blockdiff.server.steps import Step, StepFormatter, step_chunk
+from blockdiff.server.steps import Step, StepBacklog, StepFormatter, step_chunk
 from blockdiff.server.streaming import SSE_DONE, TextTracker, sse
 
 DISCONNECT_POLL_S = 0.5
@@ -67,17 +67,18 @@ def usage(requests: list[Request], finals: dict[int, Update]) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def submit(engine: Engine, llm, prepared: list[Prepared], steps: bool = False) -> tuple[list[Request], asyncio.Queue]:
-    """Queue the prompts; their updates (and, with `steps`, their Step events) arrive in order
-    on the returned queue as (prompt index, item)."""
+def submit(engine: Engine, llm, prepared: list[Prepared], backlog: StepBacklog | None = None
+           ) -> tuple[list[Request], asyncio.Queue]:
+    """Queue the prompts; their updates arrive in order on the returned queue as (prompt
+    index, update), and, given a `backlog`, their Step events through it on its queue."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
+    queue: asyncio.Queue = backlog.queue if backlog is not None else asyncio.Queue()
     requests = []
     for index, p in enumerate(prepared):
         seq = Sequence(p.prompt_ids, p.params, frozenset(llm.tokenizer.eos_token_ids), llm.tokenizer.decode)
         on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
-        on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, Step(kind, payload))))
-                   if steps else None)
+        on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(backlog.offer, i, Step(kind, payload)))
+                   if backlog is not None else None)
         requests.append(Request(seq, on_update, p.suffix_ids, on_step=on_step))
     try:
         for r in requests:
@@ -143,7 +144,8 @@ async def complete(http: HTTPRequest, engine: Engine, llm, call: Call, prepared:
 
 def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> StreamingResponse:
     """SSE: committed text only, then a finish chunk per prompt, usage if asked, [DONE]."""
-    requests, queue = submit(engine, llm, prepared, call.return_steps)  # errors (429, 503) before the stream starts
+    backlog = StepBacklog(asyncio.Queue()) if call.return_steps else None
+    requests, queue = submit(engine, llm, prepared, backlog)  # errors (429, 503) before the stream starts
 
     def token_text(token_id: int) -> str:
         return llm.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -159,6 +161,7 @@ def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Streami
             while len(finals) < len(requests):
                 index, update = await queue.get()
                 if isinstance(update, Step):
+                    backlog.taken()
                     yield sse(step_chunk(call.head(chunk=True), formatters[index].step(index, update)))
                     continue
                 if update.finish_reason in ("error", "abort"):

@@ -9,8 +9,11 @@ never get an on_step callback, so their streams are unchanged, byte for byte.
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+
+MAX_STEP_BACKLOG = 1024  # step events waiting for a slow reader before new ones are dropped
 
 
 @dataclass
@@ -18,6 +21,31 @@ class Step:
     """One decoder event for one request, as queued from the engine thread."""
     kind: str  # "denoise", "draft", "verify" or "commit"
     payload: dict  # a fresh snapshot built by the decoder (lists of ints), never shared state
+
+
+class StepBacklog:
+    """Step events wait in the stream's queue next to its text updates. A reader slower than
+    the engine must not make that queue grow without bound: past `limit` waiting events new
+    ones are dropped and counted, and the next one delivered says how many were lost. Text
+    updates are never dropped (they are the answer). Runs on the event loop only."""
+
+    def __init__(self, queue: asyncio.Queue, limit: int = MAX_STEP_BACKLOG):
+        self.queue, self.limit = queue, limit
+        self.waiting = 0
+        self.dropped = 0
+
+    def offer(self, index: int, step: Step) -> None:
+        if self.waiting >= self.limit:
+            self.dropped += 1
+            return
+        if self.dropped:
+            step = Step(step.kind, {**step.payload, "dropped_before": self.dropped})
+            self.dropped = 0
+        self.waiting += 1
+        self.queue.put_nowait((index, step))
+
+    def taken(self) -> None:
+        self.waiting -= 1
 
 
 class StepFormatter:
@@ -55,6 +83,8 @@ class StepFormatter:
             ids = p["tokens"]
         out.update(token_ids=ids, texts=[self._text(t) for t in ids], **extra,
                    nfe=p["nfe"], completion_tokens=p["completion_tokens"])
+        if "dropped_before" in p:
+            out["dropped_before"] = p["dropped_before"]
         return out
 
 
