@@ -25,21 +25,29 @@ from blockdiff.model.kv_cache import KVCache  # noqa: E402
 
 
 @torch.inference_mode()
-def forward_cost(llm: LLM, block: int, context: int = 256, repeats: int = 10) -> dict:
-    """Seconds for one forward of 1 and of `block` new tokens over a `context`-token cache."""
+def forward_cost(llm: LLM, widths: list[int], context: int = 256, repeats: int = 10) -> dict[int, float]:
+    """Seconds for one forward of each number of new tokens in `widths` over a `context`-token cache."""
     model = llm.model
-    cache = KVCache(model.config, 1, context + block + 1, model.dtype, model.device)
-    ids = torch.randint(0, model.config.vocab_size, (1, context + block))  # (1, context + block)
+    cache = KVCache(model.config, 1, context + max(widths) + 1, model.dtype, model.device)
+    ids = torch.randint(0, model.config.vocab_size, (1, context + max(widths)))  # (1, context + widest)
     model(ids[:, :context], cache=cache)
     cache.advance(context)
     result = {}
-    for n in (1, block):
+    for n in widths:
         model.logits(model(ids[:, context:context + n], cache=cache))  # warm-up
         start = time.perf_counter()
         for _ in range(repeats):
             model.logits(model(ids[:, context:context + n], cache=cache))
         result[n] = (time.perf_counter() - start) / repeats
     return result
+
+
+def break_even_lines(cost: dict[int, float], blocks: list[int], quad_block: int) -> list[str]:
+    """How many tokens a step must commit for a spec mode to match `ar` at this forward cost:
+    linear_spec pays a draft and a verify forward of L tokens, quad_spec one of L + L*L."""
+    lines = [f"linear_spec L={L}: a step costs {2 * cost[L] / cost[1]:.2f} AR forwards" for L in blocks]
+    q = quad_block + quad_block * quad_block
+    return lines + [f"quad_spec L={quad_block}: a step ({q} tokens) costs {cost[q] / cost[1]:.2f} AR forwards"]
 
 
 def read_bandwidth_gb_s() -> float:
@@ -64,13 +72,15 @@ def main() -> None:
     bench = run_bench(settings, llm)
     print(markdown_report(bench))
 
-    block = settings.block_lengths[0]
-    cost = forward_cost(llm, block)
+    blocks = settings.block_lengths
+    quad = (settings.quad_block_lengths or blocks)[0]
+    cost = forward_cost(llm, sorted({1, 8, *blocks, quad + quad * quad}))
     weight_bytes = bench.model["weight_bytes"]
     bandwidth = read_bandwidth_gb_s()
     ar = next((r for r in bench.results if r.name == "ar"), None)
-    print(f"\nforward over a 256-token cache: 1 token {cost[1] * 1e3:.1f} ms, {block} tokens "
-          f"{cost[block] * 1e3:.1f} ms ({cost[block] / cost[1]:.2f}x)")
+    print("\nforward over a 256-token cache: " + ", ".join(
+        f"{n} token{'s' * (n > 1)} {t * 1e3:.1f} ms ({t / cost[1]:.2f}x)" for n, t in cost.items()))
+    print("\n".join(break_even_lines(cost, blocks, quad)))
     print(f"AR floor: {weight_bytes / 1e6:.0f} MB / {bandwidth:.1f} GB/s copy bandwidth = "
           f"{weight_bytes / bandwidth / 1e6:.1f} ms per token; measured {1e3 / ar.tok_s:.1f} ms")
     if args.out:
