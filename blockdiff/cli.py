@@ -8,6 +8,7 @@ import importlib
 import json
 import sys
 
+from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.sampling import DECODING_MODES, MODES, SamplingParams
 
 
@@ -16,7 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF/NLD directory, .gguf file or a name in models/ "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)

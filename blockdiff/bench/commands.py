@@ -6,6 +6,7 @@ import sys
 
 from blockdiff import sampling
 from blockdiff.bench.settings import BenchSettings
+from blockdiff.model.dtype import DTYPE_CHOICES
 
 
 def _list_of(kind, name: str):
@@ -32,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="HF/NLD directory, .gguf file or a name in models/ "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     # MODES is read when the parser is built, so a mode added to blockdiff.sampling shows up here
     p.add_argument("--modes", type=_list_of(str, "--modes"), default=list(sampling.MODES),

@@ -34,7 +34,7 @@ class RunConfig:
 class BenchSettings:
     model: str | None = None
     adapter: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     prompt_set: str = "chat"
     num_prompts: int | None = None

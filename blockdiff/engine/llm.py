@@ -14,12 +14,10 @@ from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
+from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import SamplingParams
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
 
 @dataclass
 class RequestOutput:
@@ -37,13 +35,12 @@ class RequestOutput:
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "bfloat16", device: str = "cpu",
+    def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
                  auto_modes: tuple[str, ...] = ("ar", "linear_spec")):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
+        torch_dtype = resolve_dtype(dtype, device)
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls by up to 9x
         source = resolve_model(model)
         ckpt = load_checkpoint(source.path)
@@ -55,7 +52,7 @@ class LLM:
         self.tokenizer = ckpt.tokenizer
         self.model = Transformer(self.config)
         self.model.load_state_dict(ckpt.state_dict, strict=True)
-        self.model.to(device=device, dtype=DTYPES[dtype]).eval()
+        self.model.to(device=device, dtype=torch_dtype).eval()
         self.adapter = adapter or source.adapter
         if self.adapter:
             load_adapter(self.model, self.adapter)

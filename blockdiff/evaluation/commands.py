@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from blockdiff.sampling import MODES
+from blockdiff.model.dtype import DTYPE_CHOICES, dtype_name
 
 DEFAULT_MODES = "ar,diffusion,linear_spec,quad_spec"
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", default=None, help="HF/NLD directory, .gguf file or a name in models/ "
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", default="code,qa", help="task kinds: code, qa")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"any of: {', '.join(MODES)}")
@@ -71,7 +72,8 @@ def cmd_eval(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.model or "SmolLM2-135M-Instruct"
-    meta = {"model": name, "model_path": llm.model_path, "adapter": llm.adapter, "dtype": args.dtype,
+    dtype = dtype_name(llm.model.dtype)  # what "auto" resolved to
+    meta = {"model": name, "model_path": llm.model_path, "adapter": llm.adapter, "dtype": dtype,
             "device": args.device, "tasks": _split(args.tasks), "limit": args.limit,
             "max_new_tokens": args.max_new_tokens, "temperature": 0.0,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:]}
@@ -84,6 +86,6 @@ def cmd_eval(args) -> None:
         print(f"[eval] {c.label}: {acc} tpf={s['tpf']:.2f} decode={s['wall_s']:.1f}s", file=sys.stderr)
         # rewritten after every configuration: a long run that is stopped keeps what it measured
         write_json(out / "results.json", results, meta)
-    write_plot(out / "accuracy_vs_tpf.png", results, f"{name} ({args.dtype}): accuracy vs TPF")
+    write_plot(out / "accuracy_vs_tpf.png", results, f"{name} ({dtype}): accuracy vs TPF")
     print(markdown_table(results))
     print(f"wrote {out / 'results.json'} and {out / 'accuracy_vs_tpf.png'}")

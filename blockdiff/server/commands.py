@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.sampling import MODES
 from blockdiff.server.config import ServerConfig
 
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
     p.add_argument("--served-model-name", default=None, help="the name clients send as 'model'")
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
-    p.add_argument("--dtype", default=d.dtype, choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
     p.add_argument("--device", default=d.device)
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="decoding mode for requests that set none")

@@ -10,7 +10,7 @@ class ServerConfig:
     served_model_name: str | None = None  # the name clients send as "model" (default: from --model)
     host: str = "127.0.0.1"
     port: int = 8000
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     device: str = "cpu"
     adapter: str | None = None
     # defaults for requests that do not set them

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from blockdiff.model.dtype import DTYPE_CHOICES
+
 _PREFIX = "ov__"
 
 
@@ -119,7 +121,7 @@ def register(sub) -> None:
     d.add_argument("--out", required=True, help="output JSONL (extended if it exists)")
     d.add_argument("--model", default=None, help="HF/NLD dir, .gguf or a name in models/ (default: SmolLM2)")
     d.add_argument("--adapter", default=None)
-    d.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    d.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
     d.add_argument("--device", default="cpu")
     d.add_argument("--max-new-tokens", type=int, default=256)
     d.add_argument("--batch-size", type=int, default=16)

@@ -54,7 +54,7 @@ class LoraConfig:
 class RunConfig:
     out_dir: str = "runs/default"
     seed: int = 0
-    dtype: str = "bf16"  # autocast dtype for forward/backward; weights and optimizer stay fp32
+    dtype: str = "auto"  # autocast dtype of forward/backward (auto: bf16 where native, else fp32); weights and optimizer stay fp32
     device: str = "cpu"  # "cuda" under torchrun takes cuda:LOCAL_RANK
     parallel: str = "ddp"  # with several processes: "ddp" or "fsdp" (shards weights and optimizer)
     save_every: int = 200
@@ -91,8 +91,8 @@ class TrainConfig:
             raise ValueError("training from scratch needs `tokenizer` (see `blockdiff tokenizer train`)")
         if self.target == "lora" and self.objective.kind != "joint":
             raise ValueError("a draft LoRA only learns from the diffusion loss: use objective.kind joint")
-        if self.run.dtype not in ("bf16", "fp16", "fp32"):
-            raise ValueError(f"run.dtype must be bf16, fp16 or fp32, got {self.run.dtype!r}")
+        if self.run.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"run.dtype must be auto, bf16, fp16 or fp32, got {self.run.dtype!r}")
         if self.run.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"run.parallel must be ddp or fsdp, got {self.run.parallel!r}")
         if not self.data.paths:

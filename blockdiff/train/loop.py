@@ -21,7 +21,7 @@ from blockdiff.train.config import TrainConfig
 from blockdiff.train.data import load_data
 from blockdiff.train.export import export_final
 from blockdiff.train.metrics import MetricsLog, Progress
-from blockdiff.train.model_setup import AUTOCAST_DTYPES, build, count_params
+from blockdiff.train.model_setup import autocast_dtype, build, count_params
 from blockdiff.train.objective import ObjectiveModule, combine, counts
 from blockdiff.train.optim import make_optimizer, make_scheduler
 from blockdiff.train.sampler import EpochSampler
@@ -38,9 +38,8 @@ def resolve_resume(run_dir: str, resume: str | None, log=print) -> str | None:
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if cfg.run.dtype == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[cfg.run.dtype])
+    low = autocast_dtype(cfg.run)
+    return contextlib.nullcontext() if low is None else torch.autocast(device.type, dtype=low)
 
 
 def _no_sync(wrapped, d: D.Dist, cfg: TrainConfig, last: bool):

@@ -11,14 +11,21 @@ from torch import nn
 from blockdiff.config import ModelConfig
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
+from blockdiff.model.dtype import native_bf16
 from blockdiff.model.registry import SMOLLM2_MASK_TOKEN_ID, resolve_model, smollm2_gguf_path
 from blockdiff.model.transformer import Transformer
 from blockdiff.tokenizer import Tokenizer
 from blockdiff.train.config import TrainConfig
 from blockdiff.train.tokenizer_train import special_ids
 
-# run.dtype -> the autocast dtype of the forward (fp32: no autocast)
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+def autocast_dtype(run) -> torch.dtype | None:
+    """The autocast dtype of the forward for `run.dtype`, None for fp32 (no autocast). "auto" is
+    bf16 where `run.device` multiplies it natively and fp32 elsewhere (see blockdiff.model.dtype)."""
+    name = run.dtype
+    if name == "auto":
+        name = "bf16" if native_bf16(run.device) else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[name]
 
 
 @dataclass
@@ -100,7 +107,7 @@ def build(cfg: TrainConfig) -> Setup:
         if not attached:
             raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
     trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
-    low = AUTOCAST_DTYPES.get(cfg.run.dtype)
+    low = autocast_dtype(cfg.run)
     if low is not None:  # a frozen base needs no fp32 master copy: half the memory traffic
         for name, p in model.named_parameters():
             if name not in trainable:
