@@ -39,7 +39,7 @@ for section in "${sections[@]}"; do
     serve-trained)
         for mode in ar linear_spec diffusion auto; do
             run "$section-$mode" $PY benchmarks/serve_load.py --model tiny --mode "$mode" --num-requests 64 \
-                --max-tokens 64 --concurrency 1,32 --dtype bfloat16 --threads 2
+                --max-tokens 64 --concurrency 1,32 --dtype auto --threads 2
         done ;;
     *) echo "unknown section $section" >&2; exit 2 ;;
     esac
