@@ -45,6 +45,7 @@ def test_health_models_and_server_info(server, client):
     info = httpx.get(server.url + "/get_server_info").json()
     assert "avg_spec_accept_length" in info["internal_states"][0]
     assert info["default_mode"] == "auto"
+    assert info["dtype"] == "float32"  # the resolved dtype the model runs in, never "auto"
     assert info["auto_mode"]["candidates"] == ["ar", "linear_spec"]
 
 
