@@ -9,12 +9,25 @@ from datetime import datetime, timezone
 import torch
 
 from blockdiff.bench.results import Result, reference_for
+from blockdiff.model.dtype import native_bf16
+
+
+def cpu_name() -> str:
+    """The CPU's model name (platform.processor() is only "x86_64" on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
     """Enough to tell two result files' machines apart (numbers are only comparable within one)."""
     env = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": sys.version.split()[0],
-           "platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+           "platform": platform.platform(), "processor": cpu_name(), "native_bf16_cpu": native_bf16("cpu"),
            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     try:
@@ -70,7 +83,8 @@ def markdown_report(bench) -> str:
     """The stdout report: run setup, the table, and acceptance by draft position."""
     from blockdiff.cli import format_table
     s, env, m = bench.settings, bench.environment, bench.model
-    lines = [f"machine: {env['cuda'] or env['processor']}, {env['torch_threads']} threads, torch {env['torch']}",
+    cpu = f"{env['processor']} (native bf16: {'yes' if env.get('native_bf16_cpu') else 'no'})"
+    lines = [f"machine: {env['cuda'] or cpu}, {env['torch_threads']} threads, torch {env['torch']}",
              f"model: {m['path']} ({m['parameters'] / 1e6:.3g}M parameters, {m['dtype']}, {m['device']}), "
              f"adapter: {m['adapter']}",
              f"{bench.prompt_count} prompts ({s.prompt_set}), max_new_tokens {s.max_new_tokens}, "
