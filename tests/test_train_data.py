@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from blockdiff.tokenizer import Tokenizer
-from blockdiff.train.config import DataConfig
+from blockdiff.train.config import DataConfig, config_from_dict
 from blockdiff.train.data import is_validation, list_files, load_data
 from blockdiff.train.sampler import EpochSampler
 from blockdiff.train.tokenizer_train import MASK_TOKEN, save_tokenizer, special_ids, train_tokenizer
@@ -67,6 +67,33 @@ def test_packing_and_validation_split(tmp_path, tok):
     assert torch.equal(again.tokens, train.tokens)
     with pytest.raises(ValueError, match="no such"):
         load_data(DataConfig(paths=[str(tmp_path / "missing")]), tok)
+
+
+def test_pad_to_block_starts_every_document_on_a_block_and_learns_the_pads(tmp_path, tok):
+    records = [{"prompt": "def add", "completion": "(a, b):"}, {"text": "the cat sat"}, {"text": "x"}]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    train, _ = load_data(DataConfig(paths=[str(tmp_path / "d.jsonl")], seq_len=8, pad_to_block=8), tok)
+    stream, mask = train.tokens.flatten().tolist(), train.loss_mask.flatten().tolist()
+    eos = tok.eos_token_ids[0]
+    plain, _ = load_data(DataConfig(paths=[str(tmp_path / "d.jsonl")], seq_len=1), tok)
+    documents, doc = [], []
+    for t in plain.tokens.flatten().tolist():  # the unpadded stream, split after each EOS
+        doc.append(t)
+        if t == eos:
+            documents.append(doc)
+            doc = []
+    assert len(documents) == 3 and len(stream) > sum(map(len, documents))  # some pads were added
+    start = 0
+    for doc in documents:
+        assert start % 8 == 0  # every document starts on a block boundary
+        assert stream[start:start + len(doc)] == doc
+        end = start + len(doc) + (-len(doc) % 8)
+        assert stream[start + len(doc):end] == [eos] * (end - start - len(doc))  # pads: the end-of-text token...
+        assert all(mask[start + len(doc) - 1:end])  # ...learned, like the one that ends the document
+        start = end
+    assert start == len(stream)
+    with pytest.raises(ValueError, match="pad_to_block must be 0 or divide data.seq_len"):
+        config_from_dict({"base_model": "default", "data": {"paths": ["x"], "seq_len": 100, "pad_to_block": 32}}).validate()
 
 
 def test_sampler_is_a_permutation_per_epoch_and_resumes_exactly():

@@ -25,6 +25,7 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.0  # documents held out (by a hash of their name) for validation
     max_tokens: int | None = None  # stop reading once this many tokens are in (smoke runs)
+    pad_to_block: int = 0  # > 0: pad each document with learned EOS to a multiple of this (the block size)
 
 
 @dataclass
@@ -97,6 +98,10 @@ class TrainConfig:
             raise ValueError(f"run.parallel must be ddp or fsdp, got {self.run.parallel!r}")
         if not self.data.paths:
             raise ValueError("data.paths is empty: give files, directories or JSONL to train on")
+        pad = self.data.pad_to_block
+        if pad < 0 or (pad and self.data.seq_len % pad):
+            raise ValueError(f"data.pad_to_block must be 0 or divide data.seq_len ({self.data.seq_len}), got {pad}: "
+                             "documents padded to blocks stay aligned only if sequences are cut on block boundaries")
         return self
 
     def to_dict(self) -> dict:

@@ -97,9 +97,18 @@ def is_validation(name: str, fraction: float) -> bool:
     return h / 2 ** 64 < fraction
 
 
-def tokenize_documents(docs: list[Document], tokenizer: Tokenizer) -> tuple[list[int], list[bool]]:
-    """Concatenate documents, each followed by the end-of-text token (which is learned)."""
+def tokenize_documents(docs: list[Document], tokenizer: Tokenizer, pad_to: int = 0) -> tuple[list[int], list[bool]]:
+    """Concatenate documents, each followed by the end-of-text token (which is learned).
+
+    pad_to > 0 repeats that token until the stream length is a multiple of pad_to, and learns the
+    pads too. With pad_to = the diffusion block size, every document starts on a block boundary
+    and the slots after its end are EOS targets, so a diffusion model learns where an answer stops
+    (LLaDA pads its SFT answers with EOS for the same reason). Without it, the slots after an
+    answer hold the next document's prompt, which is never a target.
+    """
     sep = tokenizer.eos_token_ids[0] if tokenizer.eos_token_ids else None
+    if pad_to and sep is None:
+        raise ValueError("data.pad_to_block needs a tokenizer with an end-of-text token")
     texts = [text for _, segs in docs for text, _ in segs]
     encoded = tokenizer.tok.encode_batch(texts, add_special_tokens=False) if texts else []
     ids: list[int] = []
@@ -114,6 +123,10 @@ def tokenize_documents(docs: list[Document], tokenizer: Tokenizer) -> tuple[list
         if sep is not None and (not ids or ids[-1] != sep):
             ids.append(sep)
             mask.append(True)
+        if pad_to:
+            pads = -len(ids) % pad_to
+            ids += [sep] * pads
+            mask += [True] * pads
     return ids, mask
 
 
@@ -136,11 +149,11 @@ def load_data(cfg: DataConfig, tokenizer: Tokenizer) -> tuple[PackedData, Packed
         chars += sum(len(t) for t, _ in segs)
         if cfg.max_tokens is not None and chars > 6 * cfg.max_tokens:  # a cheap bound: >= 1 char per token
             break
-    ids, mask = tokenize_documents(train_docs, tokenizer)
+    ids, mask = tokenize_documents(train_docs, tokenizer, cfg.pad_to_block)
     if cfg.max_tokens is not None:
         ids, mask = ids[: cfg.max_tokens], mask[: cfg.max_tokens]
     train = pack(ids, mask, cfg.seq_len)
     if len(train) == 0:
         raise ValueError(f"{len(ids)} training tokens do not fill one sequence of {cfg.seq_len}")
-    val = pack(*tokenize_documents(val_docs, tokenizer), cfg.seq_len) if val_docs else None
+    val = pack(*tokenize_documents(val_docs, tokenizer, cfg.pad_to_block), cfg.seq_len) if val_docs else None
     return train, (val if val is not None and len(val) else None)
