@@ -19,6 +19,11 @@ batch is fuller), which under load is the safe side: speculation is what needs s
   newcomers thus costs one probe, not a whole wave decoded in a slow mode. Every
   `refresh_every`-th decision re-tries the best of the others, so a drafter that improves or a
   workload that changes is noticed.
+- A spec mode that lost at a lower load is not probed at a higher one: speculation spends
+  spare compute, and a fuller batch leaves less of it, so it only loses more. Under load a
+  probe is dear: one slow request stretches every step of the batch it joins (measured on
+  the trained `tiny` at 32 streams: `auto` reached 0.55x `ar` when it probed). Such a mode is
+  still re-tried as the runner-up every `refresh_every`-th decision.
 - The choice is made once per request, when it is scheduled; a sequence never switches mode.
 """
 from __future__ import annotations
@@ -75,17 +80,30 @@ class AutoMode:
             n = self.decisions[bucket] = self.decisions.get(bucket, 0) + 1
             measured = {m: self.stats.get((m, bucket), Throughput()) for m in self.candidates}
             explored = [m for m in self.candidates if measured[m].steps >= self.min_steps]
+            presumed_slower = [m for m in self.candidates if m not in explored and self._lost_below(m, bucket)]
             for m in self.candidates:
                 last = self.probed_at.get((m, bucket))
-                if m not in explored and (last is None or n - last >= self.probe_every):
+                if m not in explored and m not in presumed_slower and (last is None or n - last >= self.probe_every):
                     self.probed_at[(m, bucket)] = n
                     return m
             if not explored:
                 return self.candidates[0]  # probes are out; the rest wait on no measurement
-            ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True)
+            ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True) + presumed_slower
             if len(ranked) > 1 and n % self.refresh_every == 0:
                 return ranked[1]
             return ranked[0]
+
+    def _lost_below(self, mode: str, bucket: int) -> bool:
+        """Whether spec mode `mode` was slower than the best candidate at the nearest lower load
+        where both were measured (called with the lock held)."""
+        if mode == "ar":
+            return False  # ar only gains from a fuller batch
+        for lower in range(bucket - 1, -1, -1):
+            rates = {m: self.stats[(m, lower)].tokens_per_s for m in self.candidates
+                     if (m, lower) in self.stats and self.stats[(m, lower)].steps >= self.min_steps}
+            if mode in rates and len(rates) > 1:
+                return rates[mode] < max(rates.values())
+        return False
 
     def report(self) -> dict:
         """{bucket label: {mode: {"tokens_per_s", "steps"}}} for /get_server_info and benchmarks."""
