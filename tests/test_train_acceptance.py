@@ -63,3 +63,23 @@ def test_doubled_forward_gives_the_same_acceptance():
     doubled = draft_acceptance(ObjectiveModule(model, cfg), x0, loss_mask, MASK)
     assert torch.equal(fast, doubled)
     assert fast[0] == int(loss_mask[:, 1:12:L].sum())  # blocks whose first draft slot is scored
+
+
+def test_slots_after_a_stop_token_are_not_scored():
+    """With data.pad_to_block an answer ends in EOS padding; decoding stops at the first EOS,
+    so drafts after it must not count as accepted."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab=VOCAB)
+    STOP = 0
+    first = inference_draft(model, torch.tensor([], dtype=torch.long), 5).tolist()
+    seq = [5] + first  # block 0: every draft is what the model drafts (3 accepted)
+    second = inference_draft(model, torch.tensor(seq), 7).tolist()
+    seq += [7, second[0], second[1], STOP]  # block 1: the answer ends with EOS in its last slot
+    seq += [STOP] * L  # block 2: EOS padding up to the next block boundary
+    x0 = torch.tensor([seq])  # (1, 3 * L)
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    objective = ObjectiveModule(model, ObjectiveConfig(block_size=L), draft_only=True)
+    totals = draft_acceptance(objective, x0, loss_mask, MASK, stop_id=STOP)
+    eos_drafted = int(second[2] == STOP)  # block 1's last slot is scored: its target is the EOS
+    assert totals.tolist() == [2, 2, 2, 1 + eos_drafted]
+    assert draft_acceptance(objective, x0, loss_mask, MASK)[0] == 3  # without stop_id the padding block counts

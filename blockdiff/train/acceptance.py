@@ -5,6 +5,8 @@ Every block of a validation sequence is drafted the way linear_spec drafts (SPEC
 and every draft token before it equal the text. On self-distilled data (the verifier's own
 greedy answers) the text IS what the verifier emits, so 1 + the mean accepted length is the
 tokens per step linear_spec would reach there; it is the number to watch while training a drafter.
+Targets after a stop token are not scored: decoding ends there, and with `data.pad_to_block`
+the EOS padding after an answer would otherwise count as easy accepted drafts.
 """
 from __future__ import annotations
 
@@ -17,9 +19,10 @@ REPORTED_POSITIONS = 4  # cumulative acceptance rates for draft positions 1..4 g
 
 @torch.no_grad()
 def draft_acceptance(objective: ObjectiveModule, x0: torch.Tensor, loss_mask: torch.Tensor,
-                     mask_token_id: int) -> torch.Tensor:
+                     mask_token_id: int, stop_id: int | None = None) -> torch.Tensor:
     """x0, loss_mask (B, N) -> (L,) float64: [blocks drafted, then for each draft position
-    k = 1..L-1 the number of blocks whose first k drafts were all accepted]."""
+    k = 1..L-1 the number of blocks whose first k drafts were all accepted]. A slot whose
+    preceding token is `stop_id` is not scored."""
     B, N = x0.shape
     L = objective.cfg.block_size
     masked = draft_mask(N, L).to(x0.device)[None, :] & loss_mask  # (B, N)
@@ -30,6 +33,9 @@ def draft_acceptance(objective: ObjectiveModule, x0: torch.Tensor, loss_mask: to
     guess = objective.model.logits(hidden).argmax(-1)  # (B, blocks, L-1)
     target = x0[:, :blocks * L].view(B, blocks, L)[:, :, 1:]  # (B, blocks, L-1)
     counted = loss_mask[:, :blocks * L].view(B, blocks, L)[:, :, 1:]  # (B, blocks, L-1)
+    if stop_id is not None:
+        before = x0[:, :blocks * L].view(B, blocks, L)[:, :, :-1]  # (B, blocks, L-1): each slot's previous token
+        counted = counted & (before != stop_id)
     accepted = ((guess == target) & counted).long().cumprod(-1)  # (B, blocks, L-1): 1 while all so far match
     drafted = counted[..., 0]  # (B, blocks): blocks whose first draft is scored
     per_position = accepted[drafted].sum(0)  # (L-1,)

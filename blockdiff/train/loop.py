@@ -95,6 +95,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
     per_rank = cfg.optim.micro_batch * cfg.optim.grad_accum
     global_batch = per_rank * d.world
     mask_id = model.config.mask_token_id
+    stop_id = setup.tokenizer.eos_token_ids[0] if setup.tokenizer.eos_token_ids else None  # acceptance ends there
     while step < cfg.optim.max_steps:
         t0 = time.perf_counter()
         ids = sampler.take(global_batch)
@@ -126,7 +127,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
                   "lr": lr, "grad_norm": float(grad_norm), "tokens": global_batch * cfg.data.seq_len,
                   "tokens_per_s": global_batch * cfg.data.seq_len / seconds, "step_s": seconds}
         if cfg.run.eval_every and val_data is not None and step % cfg.run.eval_every == 0:
-            record.update(evaluate(wrapped, objective, val_data, cfg, d, mask_id, sharded))
+            record.update(evaluate(wrapped, objective, val_data, cfg, d, mask_id, stop_id, sharded))
         if d.main:
             if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or "val_ar_loss" in record:
                 metrics.write(record)
@@ -154,7 +155,8 @@ def save(cfg, objective, optimizer, scheduler, sampler, names, sharded, d, step)
 
 
 @torch.no_grad()
-def evaluate(wrapped, objective, val_data, cfg: TrainConfig, d: D.Dist, mask_id: int, sharded: bool) -> dict:
+def evaluate(wrapped, objective, val_data, cfg: TrainConfig, d: D.Dist, mask_id: int, stop_id: int | None,
+             sharded: bool) -> dict:
     """AR and diffusion loss on a fixed slice of the held-out sequences, with fixed noise, and
     (joint objective, unsharded) the teacher-forced draft acceptance on the same slice."""
     drafting = cfg.objective.kind == "joint" and not sharded  # FSDP unshards only in the wrapped forward
@@ -168,7 +170,7 @@ def evaluate(wrapped, objective, val_data, cfg: TrainConfig, d: D.Dist, mask_id:
         with _autocast(cfg, d.device):
             sums += wrapped(b.xt, b.x0, b.loss_mask, b.masked, b.p).double()
             if drafting:
-                accepted += draft_acceptance(objective, b.x0, b.loss_mask, mask_id)
+                accepted += draft_acceptance(objective, b.x0, b.loss_mask, mask_id, stop_id)
         norms += counts(b.loss_mask)
     per_token = (D.all_sum(sums, d) / D.all_sum(norms, d).clamp(min=1)).tolist()
     record = {"val_ar_loss": per_token[0], "val_diff_loss": per_token[1] if cfg.objective.kind == "joint" else None}
