@@ -5,6 +5,7 @@ import torch
 from blockdiff import LLM, SamplingParams
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
+from blockdiff.model.kv_cache import KVCache
 from helpers import run, save_tiny_checkpoint, tiny_model
 
 
@@ -71,6 +72,29 @@ def test_draft_adapter_changes_drafts_but_never_ar(tmp_path):
     ar = run(base, prompt, mode="ar", max_new_tokens=20)[0].output_ids
     for mode in ["linear_spec", "quad_spec"]:
         assert run(loaded, prompt, mode=mode, max_new_tokens=20, block_length=5)[0].output_ids == ar
+
+
+def test_diffusion_denoises_with_the_draft_adapter_on():
+    """A draft adapter is what learned to denoise when the base is a plain AR model. At threshold
+    0 the first denoising pass fills the whole block, so the block must be the adapter's argmax."""
+    model = tiny_model(6, vocab=24)
+    torch.manual_seed(1)
+    for name, module in model.lora_modules().items():
+        if name.endswith("o_proj"):
+            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    prompt, L, mask = [1, 2, 3], 5, model.config.mask_token_id
+    out = run(model, [prompt], mode="diffusion", threshold=0.0, block_length=L, max_new_tokens=L)[0].output_ids
+    cache = KVCache(model.config, 1, len(prompt) + L, torch.float32, torch.device("cpu"))
+    block = torch.tensor([[out[0]] + [mask] * (L - 1)])  # (1, L): the seed token, then MASKs
+    with torch.inference_mode():
+        model(torch.tensor([prompt]), None, cache, "causal")
+        cache.advance(len(prompt))
+        adapter_on = model(block, None, cache, "bidirectional", adapter_gate=torch.ones_like(block, dtype=torch.bool))
+        adapter_off = model(block, None, cache, "bidirectional")
+        drafted = model.logits(adapter_on[0, 1:]).argmax(-1).tolist()
+        base_drafts = model.logits(adapter_off[0, 1:]).argmax(-1).tolist()
+    assert out[1:] == drafted
+    assert drafted != base_drafts  # the adapter changes this block, so the check above has teeth
 
 
 def test_bad_adapter_directory_is_a_clear_error(tmp_path):

@@ -1,5 +1,7 @@
 """Block diffusion (FastDiffuser): denoise a block of MASKs with bidirectional passes that
-read the cache without writing it, then one causal pass commits the block; SPEC section 3."""
+read the cache without writing it, then one causal pass commits the block; SPEC section 3.
+The denoising passes are draft passes: a draft adapter, if loaded, is on for them (it is what
+learned to denoise when the base model is a plain AR model) and off for the commit pass."""
 from __future__ import annotations
 
 import torch
@@ -25,10 +27,11 @@ def step(batch: DecodeBatch) -> None:
     needed = (slot[None, :] >= 1) & (slot[None, :] <= width[:, None])  # (B, L)
     end = width + 1  # per row, one past the last slot to emit
     active = needed.any(dim=1).tolist()
+    drafting = torch.ones(B, L, dtype=torch.bool)  # adapter gate: the whole block is the noisy stream
     denoise_step = 0
     while any(active):
         stepped = list(active)  # rows that take this pass (the loop below updates `active`)
-        hidden = batch.forward(block, "bidirectional", counted=active)  # reads the cache, writes nothing
+        hidden = batch.forward(block, "bidirectional", adapter_gate=drafting, counted=active)  # reads the cache only
         logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
         for row, seq in enumerate(batch.seqs):
             if not active[row]:
