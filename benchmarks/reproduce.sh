@@ -22,7 +22,7 @@ for section in "${sections[@]}"; do
     case $section in
     modes-default)  # the default model = SmolLM2-135M-Instruct + the shipped drafter
         run "$section" $PY benchmarks/modes.py --prompt-set chat --max-new-tokens 64 --block-lengths 32 \
-            --quad-block-length 8 --thresholds 0.5,0.7,0.9 --repeats 2 --out "$OUT/$section" ;;
+            --quad-block-length 8 --thresholds 0.5,0.7,0.9 --repeats 1 --out "$OUT/$section" ;;
     modes-tiny)
         run "$section" $PY benchmarks/modes.py --model tiny --prompt-set code --max-new-tokens 64 \
             --block-lengths 16,32 --quad-block-length 8 --thresholds 0.5,0.9 --repeats 2 --out "$OUT/$section" ;;
