@@ -10,7 +10,10 @@ import openai
 import pytest
 import torch
 
+from blockdiff.engine.infill import InfillJob
+from blockdiff.engine.sequence import Sequence
 from blockdiff.sampling import SamplingParams
+from helpers import tiny_model
 from test_server_support import one_thread_llm, serving
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
@@ -157,16 +160,19 @@ def test_stop_token_ids_min_tokens_and_seed(llm, client):
 
 
 def reference_infill(model, prefix, suffix, n, block, threshold, mask):
-    """Fill-in-the-middle without a cache: one full forward per pass over prefix|middle|suffix."""
+    """Fill-in-the-middle without a cache: one full forward per pass over prefix|middle|suffix,
+    a draft adapter (if any) on for the middle and the suffix."""
     tokens = prefix + [mask] * n + suffix
     P, T = len(prefix), len(tokens)
     pattern = torch.ones(T, T, dtype=torch.bool)
     pattern[:P] = torch.ones(P, T, dtype=torch.bool).tril()  # the prefix is causal
+    drafting = torch.arange(T)[None, :] >= P  # (1, T)
     open_ = [True] * n
     for lo in range(0, n, block):
         hi = min(lo + block, n)
         while any(open_[lo:hi]):
-            probs = torch.softmax(model.logits(model(torch.tensor([tokens]), pattern=pattern))[0], -1)  # (T, V)
+            hidden = model(torch.tensor([tokens]), pattern=pattern, adapter_gate=drafting)  # (1, T, hidden)
+            probs = torch.softmax(model.logits(hidden)[0], -1)  # (T, V)
             slots = [i for i in range(lo, hi) if open_[i]]
             conf, pick = probs[[P + i for i in slots]].max(-1)
             commit = conf >= threshold
@@ -194,6 +200,25 @@ def test_infill_with_suffix_matches_a_cacheless_reference(llm, server):
     assert any(infill(p, " the mat") != infill(p, "hello there") for p in PROMPTS)  # the suffix is read
     bad = httpx.post(server.url + "/v1/completions", json={"prompt": "a", "suffix": "b", "mode": "ar"})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "suffix"
+
+
+def test_infill_runs_the_draft_adapter_like_diffusion():
+    model = tiny_model(6, vocab=24)
+    torch.manual_seed(1)
+    for name, module in model.lora_modules().items():
+        if name.endswith("o_proj"):
+            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    prefix, suffix, mask = [1, 2, 3], [4, 5], model.config.mask_token_id
+    seq = Sequence(prefix, SamplingParams(mode="diffusion", max_new_tokens=6, block_length=3, threshold=0.6))
+    job = InfillJob(model, seq, suffix, mask)
+    with torch.inference_mode():
+        job.start()
+        while not seq.finished:
+            job.step()
+        want = reference_infill(model, prefix, suffix, 6, 3, 0.6, mask)
+        base = reference_infill(tiny_model(6, vocab=24), prefix, suffix, 6, 3, 0.6, mask)  # no adapter
+    assert seq.output_ids == want
+    assert want != base  # the adapter changes the answer, so the check above has teeth
 
 
 def test_client_disconnect_frees_the_slot(server):

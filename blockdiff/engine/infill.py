@@ -5,7 +5,8 @@ with positions 0 .. P+N+S-1. The prefix is prefilled causally into the KV cache 
 pass then runs the middle (committed tokens and MASKs) and the suffix bidirectionally over
 the cached prefix, reading the cache without writing it, and commits the confident slots of
 the current block, left to right, block by block (as diffusion mode does, and always at
-least one slot per pass). A finished block is final and streamed.
+least one slot per pass). A finished block is final and streamed. Like diffusion mode's
+denoising passes, these passes run a draft adapter if one is loaded; the prefix pass does not.
 
 Limits, stated honestly:
 - the gap has exactly max_new_tokens slots: the suffix's positions assume it. A stop token
@@ -34,6 +35,7 @@ class InfillJob:
         self.seq = seq
         self.width = seq.params.max_new_tokens  # N
         self.window = torch.tensor([[mask_token_id] * self.width + list(suffix_ids)])  # (1, N+S)
+        self.drafting = torch.ones_like(self.window, dtype=torch.bool)  # adapter gate: the whole window
         self.open = torch.ones(self.width, dtype=torch.bool)  # middle slots not yet committed
         self.block_start = 0
         capacity = len(seq.prompt_ids) + self.window.shape[1]
@@ -53,7 +55,7 @@ class InfillJob:
         seq = self.seq
         lo = self.block_start
         hi = min(lo + seq.params.block_length, self.width)
-        hidden = self.model(self.window, None, self.cache, "bidirectional")  # (1, N+S, hidden)
+        hidden = self.model(self.window, None, self.cache, "bidirectional", self.drafting)  # (1, N+S, hidden)
         seq.metrics.nfe += 1
         slots = lo + self.open[lo:hi].nonzero()[:, 0]  # (k,) still-masked slots of this block
         logits = self.model.logits(hidden[0, slots])  # (k, V): no shift, slot i predicts slot i
