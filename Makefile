@@ -25,7 +25,7 @@ test: $(VENV_STAMP)
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/modes.py
 
-# every number in benchmarks/RESULTS.md (about 50 minutes on 2 CPU cores)
+# every number in benchmarks/RESULTS.md (about an hour on 2 quiet CPU cores)
 results: $(VENV_STAMP)
 	bash benchmarks/reproduce.sh
 
