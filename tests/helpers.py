@@ -31,6 +31,15 @@ def tiny_model(seed: int = 0, vocab: int = 32, sharpness: float = 3.0, **overrid
     return model
 
 
+def attach_random_draft_adapter(model: Transformer, seed: int = 1) -> Transformer:
+    """A LoRA on every o_proj with a random (non-zero) B, so drafts differ from the base model's."""
+    torch.manual_seed(seed)
+    for name, module in model.lora_modules().items():
+        if name.endswith("o_proj"):
+            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    return model
+
+
 def run(model: Transformer, prompts: list[list[int]], eos: int | None = None, **params) -> list[Sequence]:
     seqs = [Sequence(p, SamplingParams(**params), frozenset([eos] if eos is not None else [])) for p in prompts]
     return decode(model, seqs, model.config.mask_token_id)

@@ -6,7 +6,7 @@ from blockdiff import LLM, SamplingParams
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.kv_cache import KVCache
-from helpers import run, save_tiny_checkpoint, tiny_model
+from helpers import attach_random_draft_adapter, run, save_tiny_checkpoint, tiny_model
 
 
 def test_generate_returns_text_ids_and_metrics(tiny_dir):
@@ -55,11 +55,7 @@ def test_sharded_nld_checkpoint_round_trips(tmp_path):
 
 def test_draft_adapter_changes_drafts_but_never_ar(tmp_path):
     base = tiny_model(6, vocab=24)
-    adapted = tiny_model(6, vocab=24)
-    torch.manual_seed(1)
-    for name, module in adapted.lora_modules().items():
-        if name.endswith("o_proj"):
-            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    adapted = attach_random_draft_adapter(tiny_model(6, vocab=24))
     save_adapter(adapted, tmp_path / "adapter")
     loaded = tiny_model(6, vocab=24)
     load_adapter(loaded, tmp_path / "adapter")
@@ -77,11 +73,7 @@ def test_draft_adapter_changes_drafts_but_never_ar(tmp_path):
 def test_diffusion_denoises_with_the_draft_adapter_on():
     """A draft adapter is what learned to denoise when the base is a plain AR model. At threshold
     0 the first denoising pass fills the whole block, so the block must be the adapter's argmax."""
-    model = tiny_model(6, vocab=24)
-    torch.manual_seed(1)
-    for name, module in model.lora_modules().items():
-        if name.endswith("o_proj"):
-            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    model = attach_random_draft_adapter(tiny_model(6, vocab=24))
     prompt, L, mask = [1, 2, 3], 5, model.config.mask_token_id
     out = run(model, [prompt], mode="diffusion", threshold=0.0, block_length=L, max_new_tokens=L)[0].output_ids
     cache = KVCache(model.config, 1, len(prompt) + L, torch.float32, torch.device("cpu"))

@@ -13,7 +13,7 @@ import torch
 from blockdiff.engine.infill import InfillJob
 from blockdiff.engine.sequence import Sequence
 from blockdiff.sampling import SamplingParams
-from helpers import tiny_model
+from helpers import attach_random_draft_adapter, tiny_model
 from test_server_support import one_thread_llm, serving
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
@@ -203,11 +203,7 @@ def test_infill_with_suffix_matches_a_cacheless_reference(llm, server):
 
 
 def test_infill_runs_the_draft_adapter_like_diffusion():
-    model = tiny_model(6, vocab=24)
-    torch.manual_seed(1)
-    for name, module in model.lora_modules().items():
-        if name.endswith("o_proj"):
-            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    model = attach_random_draft_adapter(tiny_model(6, vocab=24))
     prefix, suffix, mask = [1, 2, 3], [4, 5], model.config.mask_token_id
     seq = Sequence(prefix, SamplingParams(mode="diffusion", max_new_tokens=6, block_length=3, threshold=0.6))
     job = InfillJob(model, seq, suffix, mask)

@@ -48,6 +48,13 @@ class DecodeBatch:
             seq.metrics.nfe += needed
         return self.model(tokens, positions, self.cache, pattern, adapter_gate)
 
+    def draft_pass(self, block: torch.Tensor, counted: list[bool] | None = None) -> torch.Tensor:
+        """Bidirectional pass over (B, L) blocks with the draft adapter on for every token: it
+        reads the cache and writes nothing. linear_spec's drafts and diffusion's denoising both
+        go through here, so neither can run the base model by mistake (SPEC section 2)."""
+        return self.forward(block, "bidirectional", adapter_gate=torch.ones(block.shape, dtype=torch.bool),
+                            counted=counted)
+
     def sample(self, row: int, logits: torch.Tensor, need_probs: bool = False):
         """Sample (T, V) logits of one row with that sequence's own generator, so a sequence's
         tokens do not depend on which other sequences share the batch."""

@@ -27,11 +27,10 @@ def step(batch: DecodeBatch) -> None:
     needed = (slot[None, :] >= 1) & (slot[None, :] <= width[:, None])  # (B, L)
     end = width + 1  # per row, one past the last slot to emit
     active = needed.any(dim=1).tolist()
-    drafting = torch.ones(B, L, dtype=torch.bool)  # adapter gate: the whole block is the noisy stream
     denoise_step = 0
     while any(active):
         stepped = list(active)  # rows that take this pass (the loop below updates `active`)
-        hidden = batch.forward(block, "bidirectional", adapter_gate=drafting, counted=active)  # reads the cache only
+        hidden = batch.draft_pass(block, counted=active)  # (B, L, hidden)
         logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
         for row, seq in enumerate(batch.seqs):
             if not active[row]:

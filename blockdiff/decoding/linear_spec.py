@@ -19,7 +19,7 @@ def start(batch: DecodeBatch) -> None:
 def step(batch: DecodeBatch) -> None:
     L, B = batch.block_length, len(batch)
     block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
-    hidden = batch.forward(block, "bidirectional", adapter_gate=torch.ones(B, L, dtype=torch.bool))
+    hidden = batch.draft_pass(block)  # (B, L, hidden)
     draft_logits = batch.model.logits(hidden[:, 1:])  # (B, L-1, V): no shift, slot i predicts slot i
     drafts, draft_probs = [], []
     for row in range(B):
