@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-run every measurement quoted in benchmarks/RESULTS.md, in the order of its sections.
 #   make results            (or: bash benchmarks/reproduce.sh [SECTION ...])
-# Sections: modes-default modes-tiny eval-default eval-tiny serve-tiny serve-trained
+# Sections: modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained
 # Each writes its raw output under bench-out/SECTION/ (JSON, markdown, PNGs, logs).
 # CPU timings are only comparable within one run: each command runs its modes round-robin.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=bench-out
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(modes-default modes-tiny eval-default eval-tiny serve-tiny serve-trained)
+[ ${#sections[@]} -eq 0 ] && sections=(modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained)
 
 run() {  # run SECTION CMD...: echo the command, keep its log next to its outputs
     local section=$1; shift
@@ -23,6 +23,9 @@ for section in "${sections[@]}"; do
     modes-default)  # the default model = SmolLM2-135M-Instruct + the shipped drafter
         run "$section" $PY benchmarks/modes.py --prompt-set chat --max-new-tokens 64 --block-lengths 32 \
             --quad-block-length 8 --thresholds 0.5,0.7,0.9 --repeats 1 --out "$OUT/$section" ;;
+    spec-blocks-default)  # linear_spec's draft length: acceptance against the cost of a step
+        run "$section" $PY benchmarks/modes.py --prompt-set chat --num-prompts 8 --max-new-tokens 64 \
+            --modes linear_spec --block-lengths 4,8,32 --no-hf --repeats 1 --out "$OUT/$section" ;;
     modes-tiny)
         run "$section" $PY benchmarks/modes.py --model tiny --prompt-set code --max-new-tokens 64 \
             --block-lengths 16,32 --quad-block-length 8 --thresholds 0.5,0.9 --repeats 2 --out "$OUT/$section" ;;

@@ -102,3 +102,17 @@ def test_cli_refuses_a_bad_checkpoint_with_one_clear_line(tmp_path, capsys):
     assert main(["train", "--config", cfg, "--run.out_dir", run, "--resume", bad]) == 2
     err = capsys.readouterr().err
     assert "rng.pt: listed in the manifest but missing" in err and "Traceback" not in err
+
+
+def test_max_minutes_ends_a_run_early_saved_exported_and_resumable(tmp_path, capsys):
+    raw = make_workspace(tmp_path)
+    raw["optim"]["max_steps"] = 4
+    raw["run"].update(save_every=100, progress=False)
+    cfg, run = write_config(tmp_path, raw), str(tmp_path / "run")
+    assert main(["train", "--config", cfg, "--run.out_dir", run, "--run.max_minutes", "0"]) == 0
+    assert "run.max_minutes (0) reached at step 1 of 4" in capsys.readouterr().err
+    assert list(_losses(run)) == [1]  # the deadline had passed when the first step ended
+    assert ckpt.latest_good(run).endswith("step-00000001")  # saved although save_every is 100
+    assert os.path.isfile(os.path.join(run, "final", "model.safetensors"))
+    assert main(["train", "--config", cfg, "--run.out_dir", run, "--resume"]) == 0  # no limit now
+    assert list(_losses(run)) == [1, 2, 3, 4]

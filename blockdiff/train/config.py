@@ -68,6 +68,10 @@ class RunConfig:
     export_dtype: str = "fp32"  # dtype of RUN/final: fp32, bf16 (half the size) or fp16
     export_format: str = "llama"  # RUN/final for target full: "llama" (HF names) or "nld"
     throttle_s: float = 0.0  # sleep per step: lets a shared machine breathe, and tests kill mid-run
+    # stop after the step that crosses this many minutes of this process's training, saving a
+    # checkpoint and exporting final/ as at max_steps (Megatron's --exit-duration-in-mins): for
+    # leases with a hard end, such as a lent GPU. The schedule still runs to max_steps.
+    max_minutes: float | None = None
 
 
 @dataclass

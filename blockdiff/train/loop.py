@@ -96,7 +96,9 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
     global_batch = per_rank * d.world
     mask_id = model.config.mask_token_id
     stop_id = setup.tokenizer.eos_token_ids[0] if setup.tokenizer.eos_token_ids else None  # acceptance ends there
-    while step < cfg.optim.max_steps:
+    deadline = None if cfg.run.max_minutes is None else time.monotonic() + 60 * cfg.run.max_minutes
+    stopping = step >= cfg.optim.max_steps  # a resumed run that had already finished
+    while not stopping:
         t0 = time.perf_counter()
         ids = sampler.take(global_batch)
         mine = ids[d.rank * per_rank:(d.rank + 1) * per_rank]
@@ -120,6 +122,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        stopping = step >= cfg.optim.max_steps or _past(deadline, d)
         per_token = (D.all_sum(sums, d) / norms.clamp(min=1)).tolist()
         seconds = time.perf_counter() - t0
         record = {"step": step, "loss": float(combine(torch.tensor(per_token), torch.ones(2), cfg.objective)),
@@ -129,18 +132,29 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
         if cfg.run.eval_every and val_data is not None and step % cfg.run.eval_every == 0:
             record.update(evaluate(wrapped, objective, val_data, cfg, d, mask_id, stop_id, sharded))
         if d.main:
-            if step % cfg.run.log_every == 0 or step == cfg.optim.max_steps or "val_ar_loss" in record:
+            if step % cfg.run.log_every == 0 or stopping or "val_ar_loss" in record:
                 metrics.write(record)
         progress.update(record)
-        if step % cfg.run.save_every == 0 or step == cfg.optim.max_steps:
+        if step % cfg.run.save_every == 0 or stopping:
             save(cfg, objective, optimizer, scheduler, sampler, names, sharded, d, step)
         if cfg.run.throttle_s:
             time.sleep(cfg.run.throttle_s)
     progress.close()
+    if step < cfg.optim.max_steps and d.main:
+        log(f"run.max_minutes ({cfg.run.max_minutes:g}) reached at step {step} of {cfg.optim.max_steps}: "
+            f"saved and exporting; --resume continues the schedule")
     final = export_final(cfg, objective, setup, names, sharded, d)
     D.barrier(d)
     D.shutdown(d)
     return final
+
+
+def _past(deadline: float | None, d: D.Dist) -> bool:
+    """Whether any process is past the deadline: all stop at the same step."""
+    if deadline is None:
+        return False
+    late = torch.tensor([float(time.monotonic() >= deadline)], device=d.device)
+    return bool(D.all_sum(late, d).item() > 0)
 
 
 def save(cfg, objective, optimizer, scheduler, sampler, names, sharded, d, step) -> None:
