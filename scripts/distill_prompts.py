@@ -6,7 +6,9 @@ Sources, mixed and shuffled with a fixed seed so any prefix is a fair sample:
 - hand-written templates x topics (explanations, tips, recipes, code questions, poems);
 - the Python library reference titles (Debian python3.11-doc, `_sources/library/*.rst.txt`);
 - functions of the Python standard library with a docstring ("write a function that ...");
-- short sayings from Debian's fortunes ("what does this saying mean").
+- short sayings from Debian's fortunes ("what does this saying mean");
+- optionally (--api) the functions and methods the library reference documents, one
+  question each: the larger set for a GPU run (data/distill-prompts-large.jsonl).
 The prompts of benchmarks/ and the evaluation task set are held out: any prompt that names
 one of their topics is dropped, so measured acceptance is on prompts never trained on.
 """
@@ -79,6 +81,31 @@ def library_titles(doc_dir: Path) -> list[str]:
     return prompts
 
 
+API_QUESTIONS = ["What does {} do in Python? Show a short example.", "How do I use {} in Python?"]
+DIRECTIVE = re.compile(r"^(\s*)\.\. (module|currentmodule|class|function|method)::\s*([\w.]+)")
+
+
+def api_entries(doc_dir: Path) -> list[str]:
+    """`.. function:: dumps(obj)` under `.. module:: json` -> a question about json.dumps."""
+    prompts = []
+    for path in sorted((doc_dir / "library").glob("*.rst.txt")):
+        module = cls = None
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            match = DIRECTIVE.match(line)
+            if not match:
+                continue
+            indent, kind, name = match.groups()
+            if kind in ("module", "currentmodule"):
+                module, cls = name, None
+            elif kind == "class":
+                cls = name
+            elif kind == "function" or (kind == "method" and indent and cls):
+                owner = cls if kind == "method" else module
+                qualified = name if "." in name or not owner else f"{owner}.{name}"
+                prompts.append(API_QUESTIONS[len(prompts) % 2].format(f"`{qualified}`"))
+    return prompts
+
+
 def stdlib_functions(limit: int) -> list[str]:
     """Public top-level functions with a one-line docstring summary."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -115,12 +142,15 @@ def main() -> None:
     p.add_argument("--fortunes-dir", type=Path, help="fortunes' share/games/fortunes directory")
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stdlib-limit", type=int, default=400, help="at most this many stdlib-function prompts")
+    p.add_argument("--sayings-limit", type=int, default=300, help="at most this many fortunes")
+    p.add_argument("--api", action="store_true", help="add a question per documented function and method")
     args = p.parse_args()
-    prompts = templated() + stdlib_functions(400)
+    prompts = templated() + stdlib_functions(args.stdlib_limit)
     if args.doc_dir:
-        prompts += library_titles(args.doc_dir)
+        prompts += library_titles(args.doc_dir) + (api_entries(args.doc_dir) if args.api else [])
     if args.fortunes_dir:
-        prompts += sayings(args.fortunes_dir, 300)
+        prompts += sayings(args.fortunes_dir, args.sayings_limit)
     prompts = sorted(set(p for p in prompts if not HELD_OUT.search(p)))
     random.Random(args.seed).shuffle(prompts)
     with open(args.out, "w", encoding="utf-8") as f:
