@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from blockdiff.decoding.batch import DecodeBatch
 
+
 def extra_slots(block_length: int) -> int:
     return 1
 
@@ -14,8 +15,7 @@ def start(batch: DecodeBatch) -> None:
 def step(batch: DecodeBatch) -> None:
     hidden = batch.forward(batch.pending_tokens(), "causal")  # (B, 1, hidden)
     batch.cache.advance(1)
-    logits = batch.model.logits(hidden[:, -1])  # (B, V)
-    for row, seq in enumerate(batch.seqs):
-        token, _, _ = batch.sample(row, logits[row:row + 1])
+    tokens = batch.next_tokens(batch.model.logits(hidden[:, -1]))  # logits (B, V)
+    for row, (seq, token) in enumerate(zip(batch.seqs, tokens)):
         seq.metrics.steps += 1
-        batch.emit(row, [int(token)])
+        batch.emit(row, [token])

@@ -65,6 +65,13 @@ class DecodeBatch:
         # the decoders keep token bookkeeping on the CPU, whatever device the model is on
         return tokens.cpu(), None if confidence is None else confidence.cpu(), probs
 
+    def next_tokens(self, logits: torch.Tensor) -> list[int]:
+        """One token per row from (B, V) logits. Greedy rows share one argmax and one copy to
+        the host (per-row picks would sync a GPU once per sequence)."""
+        if all(seq.params.greedy for seq in self.seqs):
+            return logits.argmax(-1).tolist()
+        return [int(self.sample(row, logits[row:row + 1])[0]) for row in range(len(self.seqs))]
+
     def pending_tokens(self) -> torch.Tensor:
         return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
 
@@ -120,7 +127,5 @@ class DecodeBatch:
         hidden = self.model(tokens, None, self.cache, "causal")  # (B, P, hidden)
         self.cache.advance(lengths)
         last = hidden[torch.arange(len(self.seqs)), torch.tensor(lengths) - 1]  # (B, hidden)
-        logits = self.model.logits(last)  # (B, V)
-        for row in range(len(self.seqs)):
-            token, _, _ = self.sample(row, logits[row:row + 1])
-            self.emit(row, [int(token)])
+        for row, token in enumerate(self.next_tokens(self.model.logits(last))):  # logits (B, V)
+            self.emit(row, [token])

@@ -64,7 +64,5 @@ def step(batch: DecodeBatch) -> None:
     batch.retire()
     hidden = batch.forward(block, "causal")  # commit pass: the only one that writes the cache
     batch.cache.advance(L)
-    logits = batch.model.logits(hidden[:, -1])  # (B', V)
-    for row in range(len(batch)):
-        token, _, _ = batch.sample(row, logits[row:row + 1])
-        batch.emit(row, [int(token)])
+    for row, token in enumerate(batch.next_tokens(batch.model.logits(hidden[:, -1]))):  # logits (B', V)
+        batch.emit(row, [token])
