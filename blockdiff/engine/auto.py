@@ -19,11 +19,12 @@ batch is fuller), which under load is the safe side: speculation is what needs s
   newcomers thus costs one probe, not a whole wave decoded in a slow mode. Every
   `refresh_every`-th decision re-tries the best of the others, so a drafter that improves or a
   workload that changes is noticed.
-- A spec mode that lost at a lower load is not probed at a higher one: speculation spends
-  spare compute, and a fuller batch leaves less of it, so it only loses more. Under load a
-  probe is dear: one slow request stretches every step of the batch it joins (measured on
-  the trained `tiny` at 32 streams: `auto` reached 0.55x `ar` when it probed). Such a mode is
-  still re-tried as the runner-up every `refresh_every`-th decision.
+- A spec mode that lost at a lower load is neither probed nor re-tried at a higher one:
+  speculation spends spare compute, and a fuller batch leaves less of it, so it only loses
+  more. Under load a try is dear: one slow request stretches every step of the batch it joins
+  (measured on the trained `tiny` at 32 streams: `auto` reached 0.55x `ar` when it probed
+  there, 0.81x when it only re-tried the runner-up). Such a mode is re-tried at the load
+  where it lost, whenever that load comes back.
 - The choice is made once per request, when it is scheduled; a sequence never switches mode.
 """
 from __future__ import annotations
@@ -88,7 +89,7 @@ class AutoMode:
                     return m
             if not explored:
                 return self.candidates[0]  # probes are out; the rest wait on no measurement
-            ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True) + presumed_slower
+            ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True)
             if len(ranked) > 1 and n % self.refresh_every == 0:
                 return ranked[1]
             return ranked[0]
