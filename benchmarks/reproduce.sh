@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Re-run every measurement quoted in benchmarks/RESULTS.md, in the order of its sections.
 #   make results            (or: bash benchmarks/reproduce.sh [SECTION ...])
-# Sections: modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained
+# Sections: modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained serve-auto
 # Each writes its raw output under bench-out/SECTION/ (JSON, markdown, PNGs, logs).
 # CPU timings are only comparable within one run: each command runs its modes round-robin.
 set -euo pipefail
@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=bench-out
 sections=("$@")
-[ ${#sections[@]} -eq 0 ] && sections=(modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained)
+[ ${#sections[@]} -eq 0 ] && sections=(modes-default spec-blocks-default modes-tiny eval-default eval-tiny serve-tiny serve-trained serve-auto)
 
 run() {  # run SECTION CMD...: echo the command, keep its log next to its outputs
     local section=$1; shift
@@ -42,6 +42,11 @@ for section in "${sections[@]}"; do
     serve-trained)
         for mode in ar linear_spec diffusion auto; do
             run "$section-$mode" $PY benchmarks/serve_load.py --model tiny --mode "$mode" --num-requests 64 \
+                --max-tokens 64 --concurrency 1,32 --dtype auto --threads 2
+        done ;;
+    serve-auto)  # auto against ar in A-B-B-A order, so drift of the shared VM cancels out
+        for run_mode in 1-ar 2-auto 3-auto 4-ar; do
+            run "$section-$run_mode" $PY benchmarks/serve_load.py --model tiny --mode "${run_mode#*-}" --num-requests 64 \
                 --max-tokens 64 --concurrency 1,32 --dtype auto --threads 2
         done ;;
     *) echo "unknown section $section" >&2; exit 2 ;;
