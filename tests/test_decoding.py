@@ -5,6 +5,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import run, tiny_model
+from blockdiff.decoding.run import decode
+from blockdiff.engine.sequence import Sequence
+from blockdiff.sampling import SamplingParams
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
 
@@ -118,3 +121,19 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
         assert {kind for kind, _ in got} <= expected_kinds
         assert [t for kind, p in got if kind == "commit" for t in p["tokens"]] == seq.output_ids
         assert all(p["nfe"] <= seq.metrics.nfe for _, p in got)
+
+
+def test_diffusion_ends_a_block_at_a_stop_string_without_denoising_past_it():
+    """The text is cut as before, and the slots after the stop string cost no passes."""
+    model = tiny_model(5, vocab=26)
+    letters = lambda ids: "".join(chr(ord("a") + i) for i in ids)  # noqa: E731 one character per token
+    params = dict(mode="diffusion", max_new_tokens=16, block_length=16, threshold=1.0)  # one slot per pass
+    free = run(model, [[1, 2, 3]], **params)[0]
+    stop = letters(free.output_ids[2:4])
+    seq = Sequence([1, 2, 3], SamplingParams(stop=[stop], **params), detokenize=letters)
+    decode(model, [seq], model.config.mask_token_id)
+    text = letters(free.output_ids)
+    assert letters(seq.output_ids) == text[:text.index(stop)] and seq.finish_reason == "stop"
+    # threshold 1 fills one slot per pass: the free run needed 15; this one stopped once the
+    # slots up to the stop string were filled, and 15 passes means the text was only cut at the end
+    assert seq.metrics.nfe < free.metrics.nfe == 15

@@ -41,12 +41,15 @@ def step(batch: DecodeBatch) -> None:
             commit[confidence.argmax()] = True  # always progress by at least one slot
             block[row, slots[commit]] = tokens[commit]
             needed[row, slots[commit]] = False
-            # stop early once a stop token is decoded with no MASK left of it
+            # stop early once a stop token or a stop string is decoded with no MASK left of it
             filled = int(needed[row].nonzero()[0, 0]) if needed[row].any() else int(end[row])
             stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids
                      and seq.may_stop(len(seq.output_ids) + i)]
             if stops:
                 end[row] = stops[0] + 1
+            elif needed[row].any() and seq.completes_stop_string(block[row, 1:filled].tolist()):
+                end[row] = filled  # emitting the block cuts its text at the stop string
+                stops = [filled]
             active[row] = not stops and bool(needed[row].any())
         for row in range(B):
             if stepped[row] and batch.observed(row):

@@ -72,16 +72,28 @@ class Sequence:
         self.pending = self.output_ids[-1] if self.output_ids else None
         return kept
 
+    def completes_stop_string(self, tokens: list[int]) -> bool:
+        """Whether appending `tokens` would complete a stop string: diffusion ends a block as
+        soon as the text up to its first MASK holds one, instead of denoising the slots after it."""
+        ids = self.output_ids + tokens
+        return bool(tokens and self.params.stop and self.may_stop(len(ids))
+                    and self._find_stop_string(ids, len(tokens)) is not None)
+
+    def _find_stop_string(self, ids: list[int], new: int) -> int | None:
+        """Where the first stop string starts in the text of `ids`, searching only the text that
+        the last `new` tokens could have completed; None if there is none."""
+        text = self.detokenize(ids)
+        longest = max(len(s) for s in self.params.stop)
+        start = max(0, len(self.detokenize(ids[:-new])) - longest) if new < len(ids) else 0
+        hits = [i for s in self.params.stop if (i := text.find(s, start)) >= 0]
+        return min(hits) if hits else None
+
     def _check_stop_strings(self, new: int) -> None:
         """Cut at the first stop string, even when a block overshot it; no text past it survives."""
-        text = self.detokenize(self.output_ids)
-        # only text that the new tokens could have completed needs searching
-        longest = max(len(s) for s in self.params.stop)
-        start = max(0, len(self.detokenize(self.output_ids[:-new])) - longest) if new < len(self.output_ids) else 0
-        hits = [(i, s) for s in self.params.stop if (i := text.find(s, start)) >= 0]
-        if not hits:
+        cut = self._find_stop_string(self.output_ids, new)
+        if cut is None:
             return
-        cut = min(hits)[0]
+        text = self.detokenize(self.output_ids)
         # keep the fewest tokens whose text covers everything before the stop string (whole
         # characters: a prefix ending inside a multi-byte character decodes to U+FFFD)
         kept_text = text[:cut]
