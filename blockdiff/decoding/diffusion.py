@@ -45,12 +45,12 @@ def step(batch: DecodeBatch) -> None:
             filled = int(needed[row].nonzero()[0, 0]) if needed[row].any() else int(end[row])
             stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids
                      and seq.may_stop(len(seq.output_ids) + i)]
+            done = bool(stops)
             if stops:
                 end[row] = stops[0] + 1
             elif needed[row].any() and seq.completes_stop_string(block[row, 1:filled].tolist()):
-                end[row] = filled  # emitting the block cuts its text at the stop string
-                stops = [filled]
-            active[row] = not stops and bool(needed[row].any())
+                end[row], done = filled, True  # emitting the block cuts its text at the stop string
+            active[row] = not done and bool(needed[row].any())
         for row in range(B):
             if stepped[row] and batch.observed(row):
                 batch.event("denoise", row, step=denoise_step, block=block[row].tolist(),

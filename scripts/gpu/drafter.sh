@@ -14,7 +14,6 @@
 # SMOKE=1 runs the same steps on the CPU at toy sizes (the check before spending device time).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-STORE=/tmp/blockdiff-gpu
 OUT=${OUT:?set OUT to the folder whose files come back}
 RUN=runs/gpu
 mkdir -p "$RUN"
