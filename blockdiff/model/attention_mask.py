@@ -8,7 +8,12 @@ cache included (training's draft pass sees only the clean blocks before its own)
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
+
+from blockdiff.model.attention import key_bias
 
 Pattern = str | torch.Tensor
 
@@ -23,19 +28,31 @@ def pattern_matrix(pattern: Pattern, num_new: int, device=None) -> torch.Tensor:
     raise ValueError(f"unknown attention pattern {pattern!r}: use 'causal', 'bidirectional' or a bool tensor")
 
 
-def build_mask(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int,
-               device=None) -> tuple[torch.Tensor | None, bool]:
-    """The (B, 1, T, span) boolean mask for SDPA, or None plus an is_causal flag when a
-    fused kernel can do without one (all rows the same length and a plain pattern)."""
-    uniform = bool((lengths == lengths[0]).all())
-    if uniform and isinstance(pattern, str) and span == int(lengths[0]) + num_new:
-        if pattern == "bidirectional" or num_new == 1:
-            return None, False
-        if pattern == "causal" and span == num_new:
-            return None, True
+@dataclass
+class AttentionMask:
+    """What a forward's T new tokens see of its span of keys, in the forms both attention
+    paths take (model/attention.py)."""
+    visible: torch.Tensor | None  # (B, 1, T, span) bool; None: every query sees every key
+    is_causal: bool  # `visible` is the plain causal square, which SDPA can apply by itself
+
+    @classmethod
+    def build(cls, pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int, device=None) -> "AttentionMask":
+        uniform = bool((lengths == lengths[0]).all())
+        plain = uniform and isinstance(pattern, str) and span == int(lengths[0]) + num_new
+        if plain and (pattern == "bidirectional" or num_new == 1):
+            return cls(None, False)
+        return cls(visibility(pattern, lengths, num_new, span, device), plain and pattern == "causal" and span == num_new)
+
+    @cached_property
+    def bias(self) -> torch.Tensor | None:
+        return key_bias(self.visible)
+
+
+def visibility(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int, device=None) -> torch.Tensor:
+    """The (B, 1, T, span) boolean mask: True where a new token sees a key."""
     if isinstance(pattern, torch.Tensor) and pattern.shape[-1] == span != num_new:
         full = pattern.to(device=device, dtype=torch.bool)
-        return (full if full.dim() == 3 else full.expand(lengths.shape[0], -1, -1))[:, None], False  # (B, 1, T, span)
+        return (full if full.dim() == 3 else full.expand(lengths.shape[0], -1, -1))[:, None]  # (B, 1, T, span)
     within = pattern_matrix(pattern, num_new, device)
     if within.dim() == 2:
         within = within.expand(lengths.shape[0], num_new, num_new)  # (B, T, T)
@@ -46,4 +63,4 @@ def build_mask(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int,
     index = relative.clamp(0, num_new - 1)[:, None, :].expand(-1, num_new, -1)  # (B, T, span)
     sees_new = torch.gather(within, 2, index) & is_new[:, None, :]  # (B, T, span)
     sees_cache = (relative < 0)[:, None, :]  # (B, 1, span)
-    return (sees_new | sees_cache)[:, None], False  # (B, 1, T, span)
+    return (sees_new | sees_cache)[:, None]  # (B, 1, T, span)

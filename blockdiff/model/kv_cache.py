@@ -12,10 +12,21 @@ import torch
 
 from blockdiff.config import ModelConfig
 
+# A forward attends over a span padded to a multiple of this many slots (the padding is
+# masked), so that the softmax runs over whole vectors and the same key sits in the same
+# lane whatever the span: with a ragged tail its exps and sums differ in the last bits
+# between span lengths (model/attention.py).
+SPAN_ALIGN = 64
+
+
+def aligned(n: int) -> int:
+    return -(-n // SPAN_ALIGN) * SPAN_ALIGN
+
 
 class KVCache:
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        capacity = aligned(capacity)
         shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
         # Zeros, not empty: masked slots still enter the attention matmul and must be finite.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
@@ -24,7 +35,7 @@ class KVCache:
         self.capacity = capacity
         self._slots: torch.Tensor | None = None  # (B, T) where this forward's tokens go
         self._start: int | None = None  # the common start slot when every row has the same length
-        self.span = 0  # keys a forward attends over: max(lengths) + T
+        self.span = 0  # keys a forward attends over: max(lengths) + T, aligned
 
     @property
     def batch(self) -> int:
@@ -32,9 +43,10 @@ class KVCache:
 
     def begin(self, num_new: int) -> None:
         """Plan where a forward's `num_new` tokens are written; called once per forward."""
-        self.span = int(self.lengths.max()) + num_new
-        if self.span > self.capacity:
-            raise RuntimeError(f"KV cache overflow: need {self.span} slots, capacity {self.capacity}")
+        needed = int(self.lengths.max()) + num_new
+        if needed > self.capacity:
+            raise RuntimeError(f"KV cache overflow: need {needed} slots, capacity {self.capacity}")
+        self.span = aligned(needed)
         if bool((self.lengths == self.lengths[0]).all()):
             self._start, self._slots = int(self.lengths[0]), None
         else:

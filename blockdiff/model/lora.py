@@ -29,6 +29,22 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T through the packed copy when there is one, with at least two rows.
+
+    GEMM libraries take another path for a single row (a matrix-vector kernel) that sums in
+    another order: on an AVX512-BF16 EPYC, 26 of 147,456 outputs of SmolLM2's down_proj
+    differed between one row and the same row among others. Every other row count gives
+    the same row, so a lone row is computed as one of two identical rows (nearly free: a
+    product's cost is reading the weight). tests/test_width_invariance.py checks this.
+    """
+    rows = x.reshape(-1, x.shape[-1])  # (N, in)
+    if rows.shape[0] == 1:
+        rows = rows.expand(2, -1)  # (2, in)
+    y = packed_linear(rows, packed) if packed is not None else F.linear(rows, weight)  # (N or 2, out)
+    return y[:x[..., 0].numel()].reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
 class AdaptableLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
@@ -52,9 +68,39 @@ class AdaptableLinear(nn.Linear):
         self.lora_B = nn.Parameter(B.to(w.device, w.dtype))
         self.lora_scale = alpha / rank
 
+    def lora_delta(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """What the adapter adds to this layer's output, zero where gate is 0."""
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * (self.lora_scale * gate)
+
     def forward(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        y = packed_linear(x, self.packed) if self.packed is not None else F.linear(x, self.weight)
+        y = linear(x, self.weight, self.packed)
         if gate is None or self.lora_A is None:
             return y
-        delta = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.lora_scale
-        return y + delta * gate
+        return y + self.lora_delta(x, gate)
+
+
+class FusedLinear:
+    """Linears that read the same input (q/k/v, gate/up) as one matrix product, for inference.
+
+    The concatenated weight is a copy, built by `Transformer.prepare_for_inference`; each
+    part's adapter, attached before or after, still adds to its own output columns only.
+    """
+
+    def __init__(self, parts: list[AdaptableLinear]):
+        self.parts = parts
+        self.weight = torch.cat([p.weight.detach() for p in parts])  # (sum of outs, in)
+        self.packed = pack_for_cpu(self.weight)
+        if self.packed is not None:
+            self.weight = None  # the packed copy is the only one used
+        ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
+        self.columns = list(zip([0, *ends[:-1]], ends))
+        for p in parts:
+            p.packed = None  # the parts' own products no longer run
+
+    def __call__(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        y = linear(x, self.weight, self.packed)  # (B, T, sum of outs)
+        if gate is not None:
+            for part, (lo, hi) in zip(self.parts, self.columns):
+                if part.lora_A is not None:
+                    y[..., lo:hi] += part.lora_delta(x, gate)
+        return y

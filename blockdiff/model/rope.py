@@ -40,12 +40,12 @@ class Rotary:
         self.inv_freq, self.attention_factor = yarn_inv_freq(rope, head_dim)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) positions -> cos and sign-folded sin, each (B, T, 1, D), for `apply_rotary`."""
         inv_freq = self.inv_freq.to(positions.device)
         angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (B, T, D)
-        cos = (angles.cos() * self.attention_factor).to(dtype)[:, None]  # (B, 1, T, D)
-        sin = (angles.sin() * self.attention_factor).to(dtype)[:, None]  # (B, 1, T, D)
-        return cos, sin
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.attention_factor  # (B, T, D)
+        sin = torch.cat([-angles.sin(), angles.sin()], dim=-1) * self.attention_factor  # (B, T, D)
+        return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]  # (B, T, 1, D)
 
     def query_scale(self, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """Llama-4 attention temperature: the identity below original_max positions."""
@@ -53,11 +53,10 @@ class Rotary:
         if not beta or not original:
             return None
         scale = 1 + beta * torch.log1p(torch.floor(positions.float() / original))
-        return scale.to(dtype)[:, None, :, None]  # (B, 1, T, 1)
+        return scale.to(dtype)[:, :, None, None]  # (B, T, 1, 1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, H, T, D); rotate-half layout, as HF Llama stores Q and K."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)  # (B, H, T, D)
-    return x * cos + rotated * sin
+    """x: (B, T, heads, D) in the rotate-half layout HF Llama stores Q and K in; cos and sin
+    from `Rotary.cos_sin`. rotate_half(x) * sin == roll(x, D/2) * sign-folded sin."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.config import ModelConfig
-from blockdiff.model.attention_mask import Pattern, build_mask
+from blockdiff.model.attention import grouped_attention, sdpa_attention
+from blockdiff.model.attention_mask import AttentionMask, Pattern
 from blockdiff.model.kv_cache import KVCache
-from blockdiff.model.lora import AdaptableLinear, pack_for_cpu, packed_linear
+from blockdiff.model.lora import AdaptableLinear, FusedLinear, linear, pack_for_cpu
 from blockdiff.model.rope import Rotary, apply_rotary
 
 
@@ -29,19 +30,6 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new token per row, in fp32. PyTorch's CPU flash kernel has nothing to
-    tile with one query: measured 10.6 ms vs 1.1 ms at batch 16 over 300 keys in bf16."""
-    B, H, _, D = q.shape
-    Hkv = k.shape[1]
-    q = q.float().reshape(B, Hkv, H // Hkv, D)  # (B, Hkv, G, D): the G query heads sharing a KV head
-    scores = q @ k.float().transpose(-1, -2) * D ** -0.5  # (B, Hkv, G, S)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))  # mask (B, 1, 1, S)
-    y = torch.softmax(scores, dim=-1) @ v.float()  # (B, Hkv, G, D)
-    return y.reshape(B, H, 1, D).to(v.dtype)  # (B, H, 1, D)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -50,24 +38,32 @@ class Attention(nn.Module):
         self.k_proj = AdaptableLinear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
         self.v_proj = AdaptableLinear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
         self.o_proj = AdaptableLinear(cfg.num_heads * cfg.head_dim, cfg.hidden_size)
+        self.qkv: FusedLinear | None = None  # set by Transformer.prepare_for_inference
 
-    def forward(self, x, rope, mask, is_causal, cache: KVCache | None, layer: int, gate):
+    def project(self, x: torch.Tensor, gate) -> torch.Tensor:
+        """(B, T, hidden) -> (B, T, H + 2*Hkv, D): query heads, then key heads, then value heads."""
         B, T, _ = x.shape
-        q = self.q_proj(x, gate).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x, gate).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x, gate).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if self.qkv is not None:
+            qkv = self.qkv(x, gate)
+        else:
+            qkv = torch.cat([self.q_proj(x, gate), self.k_proj(x, gate), self.v_proj(x, gate)], dim=-1)
+        return qkv.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)  # (B, T, H+2Hkv, D)
+
+    def forward(self, x, rope, mask, cache: KVCache | None, layer: int, gate):
+        H, Hkv = self.num_heads, self.num_kv_heads
+        qkv = self.project(x, gate)  # (B, T, H+2Hkv, D)
         cos, sin, q_scale = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # (B, T, H+Hkv, D): one rotation for both
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
         if q_scale is not None:
             q = q * q_scale
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hkv, span, D)
-        if T == 1 and q.device.type == "cpu":
-            y = one_query_attention(q, k, v, mask)  # (B, H, 1, D)
+        if torch.is_grad_enabled():
+            y = sdpa_attention(q, k, v, mask.visible, mask.is_causal)  # (B, T, H*D)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                               enable_gqa=self.num_heads != self.num_kv_heads)  # (B, H, T, D)
-        y = y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim)  # (B, T, H*D)
+            y = grouped_attention(q, k, v, mask.bias)  # (B, T, H*D)
         return self.o_proj(y, gate)
 
 
@@ -77,9 +73,14 @@ class MLP(nn.Module):
         self.gate_proj = AdaptableLinear(cfg.hidden_size, cfg.intermediate_size)
         self.up_proj = AdaptableLinear(cfg.hidden_size, cfg.intermediate_size)
         self.down_proj = AdaptableLinear(cfg.intermediate_size, cfg.hidden_size)
+        self.gate_up: FusedLinear | None = None  # set by Transformer.prepare_for_inference
 
     def forward(self, x, gate):
-        return self.down_proj(F.silu(self.gate_proj(x, gate)) * self.up_proj(x, gate), gate)
+        if self.gate_up is not None:
+            g, u = self.gate_up(x, gate).chunk(2, dim=-1)  # (B, T, I) each
+        else:
+            g, u = self.gate_proj(x, gate), self.up_proj(x, gate)
+        return self.down_proj(F.silu(g) * u, gate)
 
 
 class DecoderLayer(nn.Module):
@@ -90,8 +91,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, rope, mask, is_causal, cache, layer, gate):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask, is_causal, cache, layer, gate)
+    def forward(self, x, rope, mask, cache, layer, gate):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, gate)
         return x + self.mlp(self.post_attention_layernorm(x), gate)
 
 
@@ -108,10 +109,15 @@ class Transformer(nn.Module):
         self._packed_head: torch.Tensor | None = None
 
     def prepare_for_inference(self) -> None:
-        """Pack bf16 CPU weights for fast matmuls. Call again after changing weights;
-        training must not use it (the packed copies do not follow the parameters)."""
-        for module in self.lora_modules().values():
-            module.pack()
+        """Fuse the q/k/v and gate/up products and pack bf16 CPU weights for fast matmuls.
+        Call again after changing weights; training must not use it (the fused and packed
+        copies do not follow the parameters)."""
+        for layer in self.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
+            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
+            attn.o_proj.pack()
+            mlp.down_proj.pack()
         self._packed_head = pack_for_cpu(self.head_weight)
 
     @property
@@ -138,7 +144,7 @@ class Transformer(nn.Module):
         if positions is None:
             positions = lengths[:, None] + torch.arange(T)  # (B, T)
         span = T if cache is None else cache.span
-        mask, is_causal = build_mask(pattern, lengths, T, span, self.device)
+        mask = AttentionMask.build(pattern, lengths, T, span, self.device)
         positions = positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         rope = (cos, sin, self.rotary.query_scale(positions, self.dtype))
@@ -147,7 +153,7 @@ class Transformer(nn.Module):
             gate = adapter_gate.to(self.device, self.dtype)[..., None]  # (B, T, 1)
         x = self.embed_tokens(input_ids.to(self.device))  # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, is_causal, cache, i, gate)
+            x = layer(x, rope, mask, cache, i, gate)
         return self.norm(x)
 
     @property
@@ -156,9 +162,7 @@ class Transformer(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., hidden) -> (..., vocab) float32 logits."""
-        if self._packed_head is not None:
-            return packed_linear(hidden, self._packed_head).float()
-        return F.linear(hidden, self.head_weight).float()
+        return linear(hidden, self.head_weight, self._packed_head).float()
 
     def lora_modules(self) -> dict[str, AdaptableLinear]:
         return {name: m for name, m in self.named_modules() if isinstance(m, AdaptableLinear)}

@@ -129,7 +129,8 @@ class FrozenPrefix:
     to its own keys without writing in place (in-place cache writes would break autograd)."""
 
     def __init__(self, cache: KVCache):
-        self.k, self.v = cache.k, cache.v  # (layers, B, Hkv, N, D)
+        n = int(cache.lengths.max())  # the valid slots: a cache's capacity is rounded up
+        self.k, self.v = cache.k[:, :, :, :n], cache.v[:, :, :, :n]  # (layers, B, Hkv, N, D)
         self.lengths = cache.lengths
         self.span = 0
 
