@@ -31,7 +31,7 @@ def hf_tokenizer(gguf_path):
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The default model in float32, where spec modes are exactly lossless."""
+    """The default model in float32 (tests/test_width_invariance.py covers the default dtype)."""
     from blockdiff import LLM
     return LLM(dtype="float32")
 

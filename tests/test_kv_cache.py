@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from blockdiff.model.kv_cache import SPAN_ALIGN, KVCache
+from blockdiff.model.attention import KEY_CHUNK
+from blockdiff.model.kv_cache import KVCache
 from helpers import tiny_model
 
 
@@ -82,7 +83,7 @@ def test_ragged_rows_each_match_their_own_recompute(model):
 
 def test_overflow_is_an_error(model):
     cache = KVCache(model.config, 1, 8)
-    assert cache.capacity == SPAN_ALIGN  # rounded up: forwards attend over aligned spans
-    model(torch.zeros(1, SPAN_ALIGN, dtype=torch.long), cache=cache)
+    assert cache.capacity == KEY_CHUNK  # rounded up: forwards attend over aligned spans
+    model(torch.zeros(1, KEY_CHUNK, dtype=torch.long), cache=cache)
     with pytest.raises(RuntimeError, match="overflow"):
-        model(torch.zeros(1, SPAN_ALIGN + 1, dtype=torch.long), cache=cache)
+        model(torch.zeros(1, KEY_CHUNK + 1, dtype=torch.long), cache=cache)

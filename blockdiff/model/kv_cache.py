@@ -11,16 +11,14 @@ from __future__ import annotations
 import torch
 
 from blockdiff.config import ModelConfig
-
-# A forward attends over a span padded to a multiple of this many slots (the padding is
-# masked), so that the softmax runs over whole vectors and the same key sits in the same
-# lane whatever the span: with a ragged tail its exps and sums differ in the last bits
-# between span lengths (model/attention.py).
-SPAN_ALIGN = 64
+from blockdiff.model.attention import KEY_CHUNK
 
 
 def aligned(n: int) -> int:
-    return -(-n // SPAN_ALIGN) * SPAN_ALIGN
+    """n slots rounded up to whole key chunks. A forward attends over an aligned span (the
+    padding masked) and the capacity is aligned: with a ragged tail the softmax's exps and
+    sums differ in the last bits between span lengths (model/attention.py)."""
+    return -(-n // KEY_CHUNK) * KEY_CHUNK
 
 
 class KVCache:

@@ -12,12 +12,13 @@ from torch import nn
 
 
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
-    """oneDNN's blocked layout of a bf16 CPU weight, or None where it does not apply.
+    """oneDNN's blocked layout of a bf16 or float32 CPU weight, or None where it does not apply.
 
-    Matrix-vector products with it run about twice as fast as F.linear on the plain layout
-    (measured: 12.9 vs 28.5 ms for SmolLM2's layers at batch 1) and give identical results.
+    Products with it run faster than F.linear on the plain layout and, unlike float32
+    F.linear (MKL), give a row the same result whatever the other rows (see `linear`).
     """
-    if weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32) \
+            or not torch.backends.mkldnn.is_available():
         return None
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)

@@ -1,0 +1,114 @@
+"""Width invariance: a row's result does not depend on how many rows share its forward.
+
+This is what makes the spec modes lossless in every dtype (SPEC section 3): the verify pass
+computes L positions in one forward, AR computes them one at a time, and at temperature 0
+both must give the same argmax. Each test compares a wide computation with the same rows
+computed alone, bit for bit, per op and per layer type, then end to end on the default model
+in the dtype it runs in by default. The kernels' behaviour is a property of the machine, so
+these run on whatever CPU the suite runs on.
+"""
+import pytest
+import torch
+
+from blockdiff import LLM, SamplingParams
+from blockdiff.model.attention import grouped_attention, key_bias
+from blockdiff.model.dtype import native_bf16
+from blockdiff.model.kv_cache import KVCache, aligned
+from blockdiff.model.lora import linear, pack_for_cpu
+
+DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
+
+
+@pytest.fixture(scope="module")
+def native_llm():
+    """The default model in its default dtype for this machine (bf16 where native)."""
+    return LLM()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
+@torch.inference_mode()
+def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out):
+    torch.manual_seed(0)
+    weight = (torch.randn(fan_out, fan_in) * fan_in ** -0.5).to(dtype)
+    packed = pack_for_cpu(weight)
+    x = torch.randn(256, fan_in).to(dtype)
+    full = linear(x, weight, packed)  # (256, out)
+    alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(256)])  # one forward per row
+    assert torch.equal(alone, full)  # a single-row GEMM sums in another order unless handled
+    for width in (2, 3, 8, 33):
+        assert torch.equal(linear(x[:width], weight, packed), full[:width])
+    batched = linear(x.view(4, 64, fan_in), weight, packed)  # (B, T, in) as the model calls it
+    assert torch.equal(batched.view(256, fan_out), full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_attention_rows_do_not_depend_on_width_or_span(dtype):
+    """Each query of a causal block over a cache equals that query computed alone over its
+    own aligned span, for short and long caches (the softmax and the weighted sum over keys
+    are where lengths leak in)."""
+    torch.manual_seed(0)
+    B, H, Hkv, D = 2, 9, 3, 64
+    k = (torch.randn(B, Hkv, 640, D) * 3).to(dtype)  # scaled up: peaked softmaxes, as in a real model
+    v = torch.randn(B, Hkv, 640, D).to(dtype)
+    for cached in (3, 10, 60, 100, 300, 500):
+        for width in (1, 4, 33):
+            q = (torch.randn(B, width, H, D) * 3).to(dtype)
+            span = aligned(cached + width)
+            visible = torch.zeros(B, 1, width, span, dtype=torch.bool)
+            for t in range(width):
+                visible[:, :, t, :cached + t + 1] = True
+            wide = grouped_attention(q, k[:, :, :span], v[:, :, :span], key_bias(visible))  # (B, T, H*D)
+            for t in range(width):
+                own = aligned(cached + t + 1)
+                alone = grouped_attention(q[:, t:t + 1], k[:, :, :own], v[:, :, :own],
+                                          key_bias(visible[:, :, t:t + 1, :own]))
+                assert torch.equal(wide[:, t:t + 1], alone), (cached, width, t)
+
+
+@torch.inference_mode()
+def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
+    """Hooks on every norm, attention, MLP and decoder layer: row t of a 12-token causal
+    forward over a cached prompt equals the output of the t-th one-token forward."""
+    model = native_llm.model
+    modules = {"final norm": model.norm}
+    for i, layer in enumerate(model.layers):
+        modules.update({f"{i}.input_norm": layer.input_layernorm, f"{i}.attention": layer.self_attn,
+                        f"{i}.post_norm": layer.post_attention_layernorm, f"{i}.mlp": layer.mlp, f"{i}": layer})
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
+    handles = [m.register_forward_hook(lambda mod, args, out, name=name: seen[name].append(out))
+               for name, m in modules.items()]
+    ids = native_llm.encode("def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # prints 5")
+    prompt, new = torch.tensor([ids[:8]]), torch.tensor([ids[8:20]])
+    try:
+        outputs = {}
+        for label, chunks in (("wide", [new]), ("one by one", new.split(1, dim=1))):
+            cache = KVCache(model.config, 1, 64, model.dtype)
+            model(prompt, cache=cache)
+            cache.advance(prompt.shape[1])
+            for name in seen:
+                seen[name].clear()
+            for chunk in chunks:
+                model(chunk, cache=cache)
+                cache.advance(chunk.shape[1])
+            outputs[label] = {name: torch.cat(outs, dim=1) for name, outs in seen.items()}  # (1, 12, hidden)
+    finally:
+        for h in handles:
+            h.remove()
+    differing = [name for name in modules if not torch.equal(outputs["wide"][name], outputs["one by one"][name])]
+    assert differing == []
+
+
+@pytest.mark.parametrize("mode,block", [("linear_spec", 8), ("linear_spec", 32), ("quad_spec", 4)])
+def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
+    """End to end, batched (ragged rows) and one prompt at a time."""
+    prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
+               "List three prime numbers:"]
+    params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    ar = [o.token_ids for o in native_llm.generate(prompts, SamplingParams(mode="ar", **params), use_tqdm=False)]
+    spec = SamplingParams(mode=mode, block_length=block, **params)
+    batched = [o.token_ids for o in native_llm.generate(prompts, spec, use_tqdm=False)]
+    alone = [native_llm.generate(p, spec, use_tqdm=False)[0].token_ids for p in prompts]
+    assert batched == ar and alone == ar
