@@ -23,7 +23,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--block-length", type=int, default=None,
+                   help="draft/denoise block length (default: per mode, blockdiff.sampling.DEFAULT_BLOCK_LENGTHS)")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -45,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(cmp_)
     cmp_.add_argument("--modes", default=",".join(DECODING_MODES))
     cmp_.add_argument("--quad-block-length", type=int, default=None,
-                      help="block length for quad_spec, whose fused pass costs L*(L+1) tokens (default: --block-length)")
+                      help="block length for quad_spec, whose fused pass costs L*(L+1) tokens (default: "
+                           "--block-length if given, else quad_spec's own default)")
     cmp_.set_defaults(func=cmd_compare)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -8,6 +8,12 @@ import torch
 DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 # "auto" resolves to the fastest lossless mode when a request is scheduled (engine/auto.py)
 MODES = DECODING_MODES + ("auto",)
+# block_length when a request leaves it out. A spec step costs forwards of L (linear_spec) or
+# L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
+# blocks only add cost: on the default model linear_spec ran at 0.82x ar at L = 8 and 0.49x at
+# 32, quad_spec 0.59x at 4 on a 2-core EPYC (benchmarks/RESULTS.md, "engine"). diffusion
+# keeps the length its drafter was trained at. ar has no blocks; the value only groups batches.
+DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 32, "linear_spec": 8, "quad_spec": 4}
 
 
 class InvalidParameter(ValueError):
@@ -26,7 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
-    block_length: int = 32
+    block_length: int | None = None  # None: DEFAULT_BLOCK_LENGTHS[mode] ("auto": once resolved)
     threshold: float = 0.9  # diffusion: commit every masked slot at least this confident
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -37,11 +43,14 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if self.block_length is None:
+            self.block_length = DEFAULT_BLOCK_LENGTHS.get(self.mode)
         checks = [
             (self.mode in MODES, "mode", f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}"),
             (_is_int(self.max_new_tokens) and self.max_new_tokens > 0, "max_new_tokens",
              f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
-            (_is_int(self.block_length) and 0 < self.block_length <= 1024, "block_length",
+            ((_is_int(self.block_length) and 0 < self.block_length <= 1024)
+             or (self.block_length is None and self.mode == "auto"), "block_length",
              f"block_length must be an integer in [1, 1024], got {self.block_length!r}"),
             (_is_num(self.threshold) and 0.0 <= self.threshold <= 1.0, "threshold",
              f"threshold must be in [0, 1], got {self.threshold!r}"),

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import blockdiff
 from blockdiff.engine.scheduler import Engine, EngineConfig
 from blockdiff.model.dtype import dtype_name
+from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS
 from blockdiff.server.config import ServerConfig
 from blockdiff.server.errors import TYPES, APIError, error_body, from_validation_error
 from blockdiff.server.handlers import Call, complete, stream
@@ -155,7 +156,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
         uptime = time.time() - metrics.started
         return {"model_path": llm.model_path, "served_model_name": name, "default_mode": config.mode,
                 "dtype": dtype_name(llm.model.dtype),
-                "block_length": config.block_length, "threshold": config.threshold,
+                "block_length": config.block_length or DEFAULT_BLOCK_LENGTHS, "threshold": config.threshold,
                 "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
                 "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
                 "auto_mode": {"candidates": list(engine.auto.candidates), "measured": engine.auto.report()},

@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--mode", default=d.mode, choices=MODES, help="decoding mode for requests that set none")
     p.add_argument("--auto-modes", default=d.auto_modes,
                    help="comma-separated lossless modes that mode 'auto' chooses among (by measured tok/s)")
-    p.add_argument("--block-length", type=int, default=d.block_length)
+    p.add_argument("--block-length", type=int, default=d.block_length, help="default: per mode")
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="sequences decoded together (continuous batching)")
