@@ -72,6 +72,15 @@ class DecodeBatch:
             return logits.argmax(-1).tolist()
         return [int(self.sample(row, logits[row:row + 1])[0]) for row in range(len(self.seqs))]
 
+    def draft_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+        """(B, K, V) draft logits -> the drafts (B, K) on the host, and each row's (K, V) draft
+        probabilities where it samples (None for a greedy row; None altogether when every row
+        is greedy, which takes one argmax and one host copy for the batch)."""
+        if all(seq.params.greedy for seq in self.seqs):
+            return logits.argmax(-1).cpu(), None
+        picks = [self.sample(row, logits[row], need_probs=not seq.params.greedy) for row, seq in enumerate(self.seqs)]
+        return torch.stack([tokens for tokens, _, _ in picks]), [probs for _, _, probs in picks]
+
     def pending_tokens(self) -> torch.Tensor:
         return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
 

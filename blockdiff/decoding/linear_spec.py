@@ -17,23 +17,18 @@ def start(batch: DecodeBatch) -> None:
 
 
 def step(batch: DecodeBatch) -> None:
-    L, B = batch.block_length, len(batch)
+    L = batch.block_length
     block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
     hidden = batch.draft_pass(block)  # (B, L, hidden)
-    draft_logits = batch.model.logits(hidden[:, 1:])  # (B, L-1, V): no shift, slot i predicts slot i
-    drafts, draft_probs = [], []
-    for row in range(B):
-        tokens, _, probs = batch.sample(row, draft_logits[row], need_probs=not batch.seqs[row].params.greedy)
-        drafts.append(tokens)
-        draft_probs.append(probs)
+    drafts, draft_probs = batch.draft_tokens(batch.model.logits(hidden[:, 1:]))  # (B, L-1): slot i predicts slot i
+    for row in range(len(batch)):
         if batch.observed(row):
-            batch.event("draft", row, drafts=tokens.tolist())
+            batch.event("draft", row, drafts=drafts[row].tolist())
 
-    candidate = torch.cat([block[:, :1], torch.stack(drafts)], dim=1)  # (B, L)
+    candidate = torch.cat([block[:, :1], drafts], dim=1)  # (B, L)
     hidden = batch.forward(candidate, "causal")  # writes keys/values past each row's length
     target_logits = batch.model.logits(hidden)  # (B, L, V): shifted, slot i predicts slot i+1
-    advance = []
-    for row in range(B):
-        accepted = verify.verify_row(batch, row, drafts[row], draft_probs[row], target_logits[row])
-        advance.append(1 + accepted)  # the pending token and the confirmed drafts
-    batch.cache.advance(advance)
+    verdicts = verify.accept_batch(batch, drafts, draft_probs, target_logits)
+    for row, (accepted, bonus) in enumerate(verdicts):
+        verify.commit_row(batch, row, drafts[row], accepted, bonus)
+    batch.cache.advance([1 + accepted for accepted, _ in verdicts])  # the pending token and the confirmed drafts

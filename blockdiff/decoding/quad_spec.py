@@ -61,34 +61,38 @@ def start(batch: DecodeBatch) -> None:
     gate[:, P:] = True
     hidden = batch.model(tokens, positions, batch.cache, pattern, gate)  # (B, P+L, hidden)
     batch.cache.advance(lengths)
+    last = hidden[torch.arange(B), torch.tensor(lengths) - 1]  # (B, hidden)
+    for row, seed in enumerate(batch.next_tokens(batch.model.logits(last))):  # logits (B, V)
+        batch.emit(row, [seed])
+    _keep_drafts(batch, hidden[:, P + 1:P + L])
+
+
+def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor) -> None:
+    """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows and keep them (and their
+    probabilities when sampling) with each sequence for the next step."""
+    drafts, probs = batch.draft_tokens(batch.model.logits(hidden))  # (B, L-1)
     for row, seq in enumerate(batch.seqs):
-        seed, _, _ = batch.sample(row, batch.model.logits(hidden[row, lengths[row] - 1:lengths[row]]))
-        batch.emit(row, [int(seed)])
-        _draft_from(batch, row, batch.model.logits(hidden[row, P + 1:P + L]))
-
-
-def _draft_from(batch: DecodeBatch, row: int, logits: torch.Tensor) -> None:
-    """Keep drafts d_1..d_{L-1} (and their probabilities when sampling) for the next step."""
-    seq = batch.seqs[row]
-    seq.draft, _, seq.draft_probs = batch.sample(row, logits, need_probs=not seq.params.greedy)
-    if not seq.finished and batch.observed(row):  # a finished row's draft is never verified
-        batch.event("draft", row, drafts=seq.draft.tolist())
+        seq.draft, seq.draft_probs = drafts[row], None if probs is None else probs[row]
+        if not seq.finished and batch.observed(row):  # a finished row's draft is never verified
+            batch.event("draft", row, drafts=seq.draft.tolist())
 
 
 def step(batch: DecodeBatch) -> None:
     L, B = batch.block_length, len(batch)
-    anchors = torch.cat([batch.pending_tokens(), torch.stack([s.draft for s in batch.seqs])], dim=1)  # (B, L)
+    drafts = torch.stack([s.draft for s in batch.seqs])  # (B, L-1)
+    draft_probs = None if all(s.draft_probs is None for s in batch.seqs) else [s.draft_probs for s in batch.seqs]
+    anchors = torch.cat([batch.pending_tokens(), drafts], dim=1)  # (B, L)
     tokens = torch.cat([anchors, batch.masks(L * L)], dim=1)  # (B, L + L*L)
     positions = batch.cache.lengths[:, None] + fused_offsets(L)  # (B, L + L*L)
     gate = torch.zeros(B, L + L * L, dtype=torch.bool)
     gate[:, L:] = True  # the draft adapter serves MASK queries only, never the anchor chain
     hidden = batch.forward(tokens, fused_pattern(L), positions, gate)  # (B, L + L*L, hidden)
     target_logits = batch.model.logits(hidden[:, :L])  # (B, L, V): anchor i predicts the slot after it
-    advance = []
-    for row, seq in enumerate(batch.seqs):
-        accepted = verify.verify_row(batch, row, seq.draft, seq.draft_probs, target_logits[row])
-        advance.append(1 + accepted)  # anchors d_0..d_a are exact causal entries
-        # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot
-        first = L + accepted * L
-        _draft_from(batch, row, batch.model.logits(hidden[row, first + 1:first + L]))
-    batch.cache.advance(advance)
+    verdicts = verify.accept_batch(batch, drafts, draft_probs, target_logits)
+    for row, (accepted, bonus) in enumerate(verdicts):
+        verify.commit_row(batch, row, drafts[row], accepted, bonus)
+    accepted = torch.tensor([a for a, _ in verdicts])  # (B,)
+    batch.cache.advance((1 + accepted).tolist())  # anchors d_0..d_a are exact causal entries
+    # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot
+    rows = L + accepted[:, None] * L + 1 + torch.arange(L - 1)  # (B, L-1)
+    _keep_drafts(batch, hidden[torch.arange(B)[:, None], rows.to(hidden.device)])

@@ -35,12 +35,23 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
     return K, int(gumbel_argmax(p[K], generator))
 
 
-def verify_row(batch, row: int, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
-               target_logits: torch.Tensor) -> int:
-    """Accept one sequence's drafts, emit them and the bonus token, and record the step.
-    Returns how many drafts were accepted."""
+def accept_batch(batch, drafts: torch.Tensor, draft_probs: list[torch.Tensor | None] | None,
+                 target_logits: torch.Tensor) -> list[tuple[int, int]]:
+    """`accept` for every row: drafts (B, K), draft_probs as `DecodeBatch.draft_tokens` gives
+    them, target_logits (B, K+1, V). A greedy batch takes one argmax and one host copy."""
+    if draft_probs is None:
+        K = drafts.shape[1]
+        ar = target_logits.argmax(-1).cpu()  # (B, K+1)
+        accepted = (ar[:, :K] == drafts).long().cumprod(1).sum(1)  # (B,)
+        bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
+        return list(zip(accepted.tolist(), bonus.tolist()))
+    return [accept(drafts[row], draft_probs[row], target_logits[row], seq.params, seq.generator)
+            for row, seq in enumerate(batch.seqs)]
+
+
+def commit_row(batch, row: int, drafts: torch.Tensor, accepted: int, bonus: int) -> None:
+    """Emit one sequence's accepted drafts (K,) and the bonus token, and record the step."""
     seq = batch.seqs[row]
-    accepted, bonus = accept(drafts, draft_probs, target_logits, seq.params, seq.generator)
     if batch.observed(row):  # before the commit it causes, so observers see draft, verify, commit
         batch.event("verify", row, drafts=drafts.tolist(), accepted=accepted, drafted=len(drafts), bonus=bonus)
     kept = batch.emit(row, drafts[:accepted].tolist() + [bonus])
@@ -48,4 +59,3 @@ def verify_row(batch, row: int, drafts: torch.Tensor, draft_probs: torch.Tensor 
     seq.metrics.steps += 1
     seq.metrics.verify_steps += 1
     seq.metrics.committed_in_verify += kept
-    return accepted
