@@ -66,16 +66,14 @@ class DecodeBatch:
         return tokens.cpu(), None if confidence is None else confidence.cpu(), probs
 
     def next_tokens(self, logits: torch.Tensor) -> list[int]:
-        """One token per row from (B, V) logits. Greedy rows share one argmax and one copy to
-        the host (per-row picks would sync a GPU once per sequence)."""
-        if all(seq.params.greedy for seq in self.seqs):
-            return logits.argmax(-1).tolist()
-        return [int(self.sample(row, logits[row:row + 1])[0]) for row in range(len(self.seqs))]
+        """One token per row from (B, V) logits (see `pick_tokens`)."""
+        return self.pick_tokens(logits[:, None])[0][:, 0].tolist()
 
-    def draft_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
-        """(B, K, V) draft logits -> the drafts (B, K) on the host, and each row's (K, V) draft
-        probabilities where it samples (None for a greedy row; None altogether when every row
-        is greedy, which takes one argmax and one host copy for the batch)."""
+    def pick_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+        """(B, K, V) logits -> tokens (B, K) on the host, and each row's (K, V) probabilities
+        where it samples (None for a greedy row; None altogether when every row is greedy,
+        which takes one argmax and one host copy for the batch: per-row picks would sync a
+        GPU once per sequence)."""
         if all(seq.params.greedy for seq in self.seqs):
             return logits.argmax(-1).cpu(), None
         picks = [self.sample(row, logits[row], need_probs=not seq.params.greedy) for row, seq in enumerate(self.seqs)]
@@ -135,6 +133,11 @@ class DecodeBatch:
             seq.metrics.prefill_nfe += 1
         hidden = self.model(tokens, None, self.cache, "causal")  # (B, P, hidden)
         self.cache.advance(lengths)
+        self.emit_after_prompts(hidden, lengths)
+
+    def emit_after_prompts(self, hidden: torch.Tensor, lengths: list[int]) -> None:
+        """Emit each sequence's first token from (B, P', hidden) states whose row b holds its
+        prompt in the first lengths[b] slots."""
         last = hidden[torch.arange(len(self.seqs)), torch.tensor(lengths) - 1]  # (B, hidden)
         for row, token in enumerate(self.next_tokens(self.model.logits(last))):  # logits (B, V)
             self.emit(row, [token])

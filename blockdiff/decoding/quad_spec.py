@@ -61,16 +61,14 @@ def start(batch: DecodeBatch) -> None:
     gate[:, P:] = True
     hidden = batch.model(tokens, positions, batch.cache, pattern, gate)  # (B, P+L, hidden)
     batch.cache.advance(lengths)
-    last = hidden[torch.arange(B), torch.tensor(lengths) - 1]  # (B, hidden)
-    for row, seed in enumerate(batch.next_tokens(batch.model.logits(last))):  # logits (B, V)
-        batch.emit(row, [seed])
+    batch.emit_after_prompts(hidden, lengths)
     _keep_drafts(batch, hidden[:, P + 1:P + L])
 
 
 def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor) -> None:
     """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows and keep them (and their
     probabilities when sampling) with each sequence for the next step."""
-    drafts, probs = batch.draft_tokens(batch.model.logits(hidden))  # (B, L-1)
+    drafts, probs = batch.pick_tokens(batch.model.logits(hidden))  # (B, L-1)
     for row, seq in enumerate(batch.seqs):
         seq.draft, seq.draft_probs = drafts[row], None if probs is None else probs[row]
         if not seq.finished and batch.observed(row):  # a finished row's draft is never verified

@@ -37,7 +37,7 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
 
 def accept_batch(batch, drafts: torch.Tensor, draft_probs: list[torch.Tensor | None] | None,
                  target_logits: torch.Tensor) -> list[tuple[int, int]]:
-    """`accept` for every row: drafts (B, K), draft_probs as `DecodeBatch.draft_tokens` gives
+    """`accept` for every row: drafts (B, K), draft_probs as `DecodeBatch.pick_tokens` gives
     them, target_logits (B, K+1, V). A greedy batch takes one argmax and one host copy."""
     if draft_probs is None:
         K = drafts.shape[1]

@@ -95,8 +95,6 @@ class FusedLinear:
             self.weight = None  # the packed copy is the only one used
         ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()
         self.columns = list(zip([0, *ends[:-1]], ends))
-        for p in parts:
-            p.packed = None  # the parts' own products no longer run
 
     def __call__(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         y = linear(x, self.weight, self.packed)  # (B, T, sum of outs)

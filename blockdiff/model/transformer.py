@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         self._packed_head: torch.Tensor | None = None
 
     def prepare_for_inference(self) -> None:
-        """Fuse the q/k/v and gate/up products and pack bf16 CPU weights for fast matmuls.
+        """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN.
         Call again after changing weights; training must not use it (the fused and packed
         copies do not follow the parameters)."""
         for layer in self.layers:
