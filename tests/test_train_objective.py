@@ -168,3 +168,44 @@ def test_ar_kind_is_plain_next_token_loss():
     sums = ObjectiveModule(model, cfg)(x0, x0, loss_mask, torch.zeros_like(loss_mask), torch.ones(2, 8))
     assert float(sums[1]) == 0.0
     assert float(combine(sums, counts(loss_mask), cfg)) == float(sums[0] / 14)
+
+
+def test_anchor_offsets_shift_the_text_under_the_draft_grid():
+    x0 = torch.arange(100, 116).repeat(32, 1)  # (32, 16): four blocks of 4
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    cfg = ObjectiveConfig(block_size=4, draft_fraction=1.0, anchor_offsets=True)
+    batch = add_noise(x0, loss_mask, 99, cfg, seeds=list(range(32)))
+    offsets = batch.x0[:, 0] - 100  # each sequence starts at its offset's token
+    assert set(offsets.tolist()) == {0, 1, 2, 3}
+    for b, o in enumerate(offsets.tolist()):
+        assert torch.equal(batch.x0[b], x0[b].roll(-o))
+        assert batch.loss_mask[b].tolist() == [True] * (16 - o) + [False] * o  # the wrapped tail is no target
+        assert (batch.xt[b, 16 - o:] == 99).all()  # and is masked, as slots past the text are
+        assert batch.masked[b].tolist() == [i % 4 != 0 and i < 16 - o for i in range(16)]
+    assert torch.equal(add_noise(x0, loss_mask, 99, ObjectiveConfig(block_size=4, draft_fraction=1.0),
+                                 seeds=list(range(32))).x0, x0)  # without the option nothing moves
+
+
+def test_kl_and_slot_decay_match_a_full_recompute():
+    """diff_sum = sum over masked j of decay**(slot-1) / p_j * (CE_j + w * KL(AR_j || draft_j)),
+    with AR_j the plain causal model's prediction for position j, in both passes."""
+    torch.manual_seed(0)
+    model = tiny_model(vocab=40).double()
+    cfg = ObjectiveConfig(block_size=4, kl_weight=0.7, slot_decay=0.5, draft_fraction=0.5)
+    x0 = torch.randint(0, 39, (4, 8))
+    loss_mask = torch.ones_like(x0, dtype=torch.bool)
+    batch = add_noise(x0, loss_mask, 39, cfg, seeds=[1, 2, 3, 4])
+    batch.masked[:, 0] = True  # position 0 has no AR prediction: CE only
+    positions = torch.arange(8).repeat(2).expand(4, 16)
+    noisy = model.logits(model(torch.cat([batch.xt, x0], 1), positions=positions,
+                               pattern=block_diff_mask(8, 4)))[:, :8]  # (4, 8, 40)
+    ar = F.log_softmax(model.logits(model(x0)), -1)  # (4, 8, 40): ar[:, j-1] predicts position j
+    ce = F.cross_entropy(noisy.reshape(-1, 40), x0.reshape(-1), reduction="none").view(4, 8)
+    draft = F.log_softmax(noisy, -1)
+    kl = torch.zeros(4, 8, dtype=torch.float64)
+    kl[:, 1:] = (ar[:, :-1].exp() * (ar[:, :-1] - draft[:, 1:])).sum(-1)
+    decay = torch.tensor([1.0, 1.0, 0.5, 0.25] * 2, dtype=torch.float64)
+    expected = ((ce + 0.7 * kl) * decay / batch.p * batch.masked).sum()
+    for draft_only in (False, True):
+        sums = ObjectiveModule(model, cfg, draft_only=draft_only)(batch.xt, x0, loss_mask, batch.masked, batch.p)
+        assert torch.allclose(sums[1], expected.float(), rtol=1e-5), draft_only  # logits are float32

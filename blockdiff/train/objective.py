@@ -40,6 +40,16 @@ class ObjectiveConfig:
     # Fraction of sequences noised the way self-speculation drafts: every block keeps its first
     # token and masks the rest ([tok, MASK x (L-1)] after a clean prefix, SPEC section 3).
     draft_fraction: float = 0.0
+    # Draft-shaped sequences start their block grid at a random offset in [0, block_size), so
+    # every token of the text is an anchor in some epoch, as any token is at inference.
+    anchor_offsets: bool = False
+    # Soft targets: KL(AR distribution || draft distribution) at each masked position, weighted
+    # this much beside the hard-label CE. The AR distribution for position j is the clean
+    # stream's prediction from position j-1, which the objective computes anyway.
+    kl_weight: float = 0.0
+    # Loss weight slot_decay ** (s - 1) at in-block slot s >= 1 (1 at slot 0): a draft token
+    # only counts if every one before it was accepted, so later slots matter less.
+    slot_decay: float = 1.0
 
     def __post_init__(self):
         if self.kind not in ("joint", "ar"):
@@ -48,14 +58,17 @@ class ObjectiveConfig:
             raise ValueError("objective: block_size must be positive and eps in (0, 1)")
         if not 0 <= self.draft_fraction <= 1:
             raise ValueError(f"objective.draft_fraction must be in [0, 1], got {self.draft_fraction}")
+        if self.kl_weight < 0 or not 0 < self.slot_decay <= 1:
+            raise ValueError(f"objective: kl_weight must be >= 0 and slot_decay in (0, 1], "
+                             f"got {self.kl_weight} and {self.slot_decay}")
 
 
 @dataclass
 class NoisedBatch:
     x0: torch.Tensor  # (B, N) clean tokens
     loss_mask: torch.Tensor  # (B, N) bool: positions that count in the loss
-    xt: torch.Tensor  # (B, N) x_0 with the masked positions replaced by the mask token
-    masked: torch.Tensor  # (B, N) bool
+    xt: torch.Tensor  # (B, N) x_0 with the masked positions (and an offset grid's tail) replaced by the mask token
+    masked: torch.Tensor  # (B, N) bool: masked positions that count in the loss
     p: torch.Tensor  # (B, N) float: the probability each position had of being masked
 
 
@@ -79,23 +92,51 @@ def mask_probabilities(t: torch.Tensor, seq_len: int, cfg: ObjectiveConfig) -> t
 def add_noise(x0: torch.Tensor, loss_mask: torch.Tensor, mask_token_id: int, cfg: ObjectiveConfig,
               seeds: list[int]) -> NoisedBatch:
     """Mask each sequence with its own generator seeded by `seeds[b]`, so the noise of a
-    sequence does not depend on how the batch is split across processes or micro-batches."""
+    sequence does not depend on how the batch is split across processes or micro-batches.
+
+    With `cfg.anchor_offsets`, a draft-shaped sequence is shifted left by its offset o: the
+    o tokens that wrap around to the end are out of the loss and masked in x_t, the shape of
+    the slots after a draft that run past the text."""
     B, N = x0.shape
     t = torch.empty(B)
     draws = torch.empty(B, N)
     draft_shaped = torch.zeros(B, dtype=torch.bool)
+    offsets = torch.zeros(B, dtype=torch.long)
     for b, seed in enumerate(seeds):
         g = torch.Generator().manual_seed(int(seed))
         t[b] = torch.rand((), generator=g)
         draws[b] = torch.rand(N, generator=g)
         if cfg.draft_fraction:  # drawn last: runs without it keep their noise
             draft_shaped[b] = torch.rand((), generator=g) < cfg.draft_fraction
+            if cfg.anchor_offsets and draft_shaped[b]:
+                offsets[b] = torch.randint(cfg.block_size, (), generator=g)
+    x0, loss_mask = x0.clone(), loss_mask.clone()
+    tail = torch.zeros(B, N, dtype=torch.bool)
+    for b in offsets.nonzero().flatten().tolist():
+        o = int(offsets[b])
+        x0[b], loss_mask[b] = x0[b].roll(-o), loss_mask[b].roll(-o)
+        loss_mask[b, N - o:] = False
+        tail[b, N - o:] = True
     p = mask_probabilities(t, N, cfg)
     p[draft_shaped] = 1.0  # a drafted block is fully masked but for its first token
     masked = torch.where(draft_shaped[:, None], draft_mask(N, cfg.block_size)[None, :], draws < p) & loss_mask.cpu()
-    masked, p = masked.to(x0.device), p.to(x0.device)
-    xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    masked, p, tail = masked.to(x0.device), p.to(x0.device), tail.to(x0.device)
+    xt = torch.where(masked | tail, torch.full_like(x0, mask_token_id), x0)
     return NoisedBatch(x0=x0, loss_mask=loss_mask, xt=xt, masked=masked, p=p)
+
+
+def slot_weights(seq_len: int, cfg: ObjectiveConfig, device=None) -> torch.Tensor:
+    """(N,) float: the loss weight of each position by its slot in the block grid."""
+    slot = torch.arange(seq_len, device=device) % cfg.block_size
+    return cfg.slot_decay ** (slot - 1).clamp(min=0).float()
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """(n, V), (n, V) -> (n,): KL(softmax(teacher) || softmax(student)), in float32 or wider."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    teacher = F.log_softmax(teacher_logits.to(dtype), dim=-1)
+    student = F.log_softmax(student_logits.to(dtype), dim=-1)
+    return (teacher.exp() * (teacher - student)).sum(-1)
 
 
 def draft_mask(seq_len: int, block_size: int) -> torch.Tensor:
@@ -187,9 +228,26 @@ class ObjectiveModule(nn.Module):
             diff_sum = noisy.sum() * 0.0 if noisy is not None else ar_sum * 0.0  # keeps every parameter in the graph
         else:
             diff_logits = self.model.logits(noisy[masked])  # (n_masked, vocab): no shift
-            ce = F.cross_entropy(diff_logits, x0[masked], reduction="none")
-            diff_sum = (ce / p[masked]).sum()
+            per_slot = F.cross_entropy(diff_logits, x0[masked], reduction="none")  # (n_masked,)
+            if self.cfg.kl_weight:
+                per_slot = per_slot + self.cfg.kl_weight * self.distillation(diff_logits, clean, masked)
+            weight = slot_weights(x0.shape[1], self.cfg, x0.device).expand_as(p)[masked] / p[masked]
+            diff_sum = (per_slot * weight).sum()
         return torch.stack([ar_sum, diff_sum])
+
+
+    def distillation(self, diff_logits: torch.Tensor, clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+        """(n_masked,) KL from each masked position's draft distribution to the AR distribution
+        for that position (the clean stream's prediction from the position before); 0 at
+        position 0, which has no AR prediction."""
+        kl = torch.zeros(diff_logits.shape[0], dtype=torch.promote_types(diff_logits.dtype, torch.float32),
+                         device=diff_logits.device)
+        has_teacher = masked.clone()
+        has_teacher[:, 0] = False  # (B, N)
+        with torch.no_grad():
+            teacher = self.model.logits(clean[:, :-1][has_teacher[:, 1:]])  # (n_teacher, vocab)
+        kl[has_teacher[masked]] = soft_target_kl(diff_logits[has_teacher[masked]], teacher)
+        return kl
 
 
 def combine(sums: torch.Tensor, norms: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
