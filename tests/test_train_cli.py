@@ -121,6 +121,29 @@ def test_convert_lora_continues_from_an_adapter_and_reports_acceptance(tmp_path,
     assert abs(last["val_accept_len"] - sum(rates)) < 1e-3
 
 
+def test_convert_trains_a_sampler_head_with_the_adapter_and_continues_it(tmp_path, base_model):
+    base, cfg = base_model
+    convert = ["convert", "--config", cfg, "--model", base, "--target", "lora", "--lora.r", "4", "--lora.alpha", "8"]
+    first = str(tmp_path / "first")
+    assert main(convert + ["--out", first, "--max_steps", "2", "--lora.sampler_head_inner", "8",
+                           "--lora.sampler_head_top_k", "3", "--objective.kl_weight", "1"]) == 0
+    adapter = json.load(open(os.path.join(first, "final", "adapter_config.json")))
+    assert adapter["blockdiff_sampler_head"] == {"inner_size": 8, "top_k": 3}
+    head = load_file(os.path.join(first, "final", "sampler_head.safetensors"))
+    assert head["up.weight"].abs().sum() > 0  # trained away from its zero start
+    more = str(tmp_path / "more")  # lora.init carries the head on, without the option
+    assert main(convert + ["--out", more, "--max_steps", "1", "--lora.init", os.path.join(first, "final")]) == 0
+    again = load_file(os.path.join(more, "final", "sampler_head.safetensors"))
+    assert again.keys() == head.keys() and not torch.equal(again["up.weight"], head["up.weight"])
+    head_only = str(tmp_path / "head-only")
+    assert main(convert + ["--out", head_only, "--max_steps", "1", "--lora.init", os.path.join(first, "final"),
+                           "--lora.train_adapter", "false"]) == 0
+    lora_before, lora_after = (load_file(os.path.join(run, "final", "adapter_model.safetensors")) for run in (first, head_only))
+    assert all(torch.equal(lora_before[k], lora_after[k]) for k in lora_before)  # the adapter is kept as it was
+    trained = load_file(os.path.join(head_only, "final", "sampler_head.safetensors"))
+    assert not torch.equal(trained["up.weight"], head["up.weight"])
+
+
 def test_convert_full_writes_a_loadable_checkpoint(tmp_path, base_model):
     base, cfg = base_model
     run = str(tmp_path / "full")

@@ -79,6 +79,23 @@ class DecodeBatch:
         picks = [self.sample(row, logits[row], need_probs=not seq.params.greedy) for row, seq in enumerate(self.seqs)]
         return torch.stack([tokens for tokens, _, _ in picks]), [probs for _, _, probs in picks]
 
+    def draft_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+        """(B, K, hidden) draft-pass states of the K slots after each row's pending token ->
+        drafts (B, K) and probabilities as `pick_tokens` gives them. Greedy rows draft through
+        the model's sampler head where it has one (each slot's pick conditioned on the pick
+        before it); sampled rows draw from the pass's own distribution, which their
+        acceptance test needs. Drafts only propose: the verifier decides what is emitted."""
+        logits = self.model.logits(hidden)  # (B, K, V)
+        drafts, probs = self.pick_tokens(logits)
+        head = self.model.sampler_head
+        greedy = [row for row, seq in enumerate(self.seqs) if seq.params.greedy]
+        if head is not None and greedy:
+            rows = torch.tensor(greedy)
+            first = self.pending_tokens()[rows, 0]  # (G,)
+            drafts[rows] = head.greedy_drafts(hidden[rows.to(hidden.device)], logits[rows.to(logits.device)], first,
+                                              self.model.embed_tokens, self.model.head_weight).cpu()
+        return drafts, probs
+
     def pending_tokens(self) -> torch.Tensor:
         return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
 

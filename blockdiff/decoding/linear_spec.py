@@ -20,7 +20,7 @@ def step(batch: DecodeBatch) -> None:
     L = batch.block_length
     block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
     hidden = batch.draft_pass(block)  # (B, L, hidden)
-    drafts, draft_probs = batch.pick_tokens(batch.model.logits(hidden[:, 1:]))  # (B, L-1): slot i predicts slot i
+    drafts, draft_probs = batch.draft_tokens(hidden[:, 1:])  # (B, L-1): slot i predicts slot i
     for row in range(len(batch)):
         if batch.observed(row):
             batch.event("draft", row, drafts=drafts[row].tolist())

@@ -67,8 +67,9 @@ def start(batch: DecodeBatch) -> None:
 
 def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor) -> None:
     """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows and keep them (and their
-    probabilities when sampling) with each sequence for the next step."""
-    drafts, probs = batch.pick_tokens(batch.model.logits(hidden))  # (B, L-1)
+    probabilities when sampling) with each sequence for the next step; the token before d_1
+    is each row's pending token, which the sampler head (if any) conditions on."""
+    drafts, probs = batch.draft_tokens(hidden)  # (B, L-1)
     for row, seq in enumerate(batch.seqs):
         seq.draft, seq.draft_probs = drafts[row], None if probs is None else probs[row]
         if not seq.finished and batch.observed(row):  # a finished row's draft is never verified

@@ -1,7 +1,9 @@
-"""PEFT-style LoRA draft adapters: adapter_config.json + adapter_model.safetensors.
+"""PEFT-style LoRA draft adapters: adapter_config.json + adapter_model.safetensors, and
+optionally a sampler head (sampler_head.safetensors, format in model/sampler_head.py).
 
 The adapter is attached to the model but used only where a forward passes an
-adapter_gate (the draft tokens), so loading one never changes AR outputs.
+adapter_gate (the draft tokens), and the sampler head only picks draft tokens, so loading
+one never changes AR outputs.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from blockdiff.errors import CheckpointError
+from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.model.transformer import Transformer
 
 # base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight (and NLD's encoder.* naming)
@@ -52,7 +55,22 @@ def load_adapter(model: Transformer, path: str | Path) -> dict:
             modules[name].attach_lora(rank, alpha, ab["A"], ab["B"])
         except ValueError as e:
             raise CheckpointError(f"{weights_file}: {name}: {e}") from None
+    if HEAD_KEY in config:
+        model.sampler_head = _load_sampler_head(model, path / HEAD_FILE, config[HEAD_KEY])
     return config
+
+
+HEAD_FILE, HEAD_KEY = "sampler_head.safetensors", "blockdiff_sampler_head"
+
+
+def _load_sampler_head(model: Transformer, path: Path, spec: dict) -> SamplerHead:
+    try:
+        head = SamplerHead(model.config.hidden_size, int(spec["inner_size"]), int(spec["top_k"]),
+                           model.config.rms_norm_eps)
+        head.load_state_dict(load_file(str(path)), strict=True)
+    except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a sampler head for this model ({type(e).__name__}: {e})") from None
+    return head.to(model.dtype).to(model.device)
 
 
 def save_adapter(model: Transformer, path: str | Path) -> None:
@@ -74,4 +92,9 @@ def save_adapter(model: Transformer, path: str | Path) -> None:
     config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
               "lora_dropout": 0.0, "bias": "none", "task_type": "CAUSAL_LM",
               "blockdiff_usage": "draft passes only (see SPEC section 2)"}
+    head = model.sampler_head
+    if head is not None:
+        dtype = next(iter(tensors.values())).dtype  # the LoRA's: an export dtype applies to both
+        save_file({k: v.detach().to(dtype).contiguous() for k, v in head.state_dict().items()}, str(path / HEAD_FILE))
+        config[HEAD_KEY] = {"inner_size": head.inner_size, "top_k": head.top_k}
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))

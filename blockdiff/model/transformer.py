@@ -14,6 +14,7 @@ from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, FusedLinear, linear, pack_for_cpu
+from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.model.rope import Rotary, apply_rotary
 
 
@@ -107,6 +108,7 @@ class Transformer(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.rope, config.head_dim)
         self._packed_head: torch.Tensor | None = None
+        self.sampler_head: SamplerHead | None = None  # part of a draft adapter (model/sampler_head.py)
 
     def prepare_for_inference(self) -> None:
         """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN.

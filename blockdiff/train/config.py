@@ -49,6 +49,13 @@ class LoraConfig:
     alpha: float = 64.0
     targets: list[str] = field(default_factory=lambda: ["o_proj"])
     init: str | None = None  # a PEFT adapter directory to start from (its r, alpha and targets win)
+    # > 0: train a sampler head (model/sampler_head.py) of this inner width with the adapter; one
+    # in `init` is kept (and trained) whatever this says
+    sampler_head_inner: int = 0
+    sampler_head_top_k: int = 8  # candidates per slot the head chooses among at draft time
+    # false: the adapter stays as `init` left it and only the sampler head trains (no backward
+    # through the model: a stage at about half the cost of a step)
+    train_adapter: bool = True
 
 
 @dataclass
@@ -102,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"run.parallel must be ddp or fsdp, got {self.run.parallel!r}")
         if not self.data.paths:
             raise ValueError("data.paths is empty: give files, directories or JSONL to train on")
+        if not self.lora.train_adapter and not (self.lora.sampler_head_inner or self.lora.init):
+            raise ValueError("lora.train_adapter false trains only a sampler head: set lora.sampler_head_inner "
+                             "or start from an adapter that has one (lora.init)")
         pad = self.data.pad_to_block
         if pad < 0 or (pad and self.data.seq_len % pad):
             raise ValueError(f"data.pad_to_block must be 0 or divide data.seq_len ({self.data.seq_len}), got {pad}: "

@@ -39,16 +39,17 @@ def export_final(cfg, objective, setup, names: list[str], sharded: bool, d: D.Di
 
 
 def _save_lora(model: Transformer, weights: dict[str, torch.Tensor], path: str, dtype: torch.dtype) -> None:
-    """Write the adapter from gathered `weights` (names like layers.0.self_attn.o_proj.lora_A)."""
-    modules = model.lora_modules()
+    """Write the adapter from gathered `weights` (names like layers.0.self_attn.o_proj.lora_A,
+    sampler_head.down.weight)."""
     saved = {}
     with torch.no_grad():
         for name, t in weights.items():
             module_name, attr = name.rsplit(".", 1)
-            saved[(module_name, attr)] = getattr(modules[module_name], attr).data
-            setattr(modules[module_name], attr, torch.nn.Parameter(t.to(dtype), requires_grad=False))
+            module = model.get_submodule(module_name)
+            saved[(module, attr)] = getattr(module, attr).data
+            setattr(module, attr, torch.nn.Parameter(t.to(dtype), requires_grad=False))
     try:
         save_adapter(model, path)
     finally:
-        for (module_name, attr), data in saved.items():
-            setattr(modules[module_name], attr, torch.nn.Parameter(data))
+        for (module, attr), data in saved.items():
+            setattr(module, attr, torch.nn.Parameter(data))

@@ -13,6 +13,7 @@ from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import native_bf16
 from blockdiff.model.registry import SMOLLM2_MASK_TOKEN_ID, resolve_model, smollm2_gguf_path
+from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.model.transformer import Transformer
 from blockdiff.tokenizer import Tokenizer
 from blockdiff.train.config import TrainConfig
@@ -106,7 +107,15 @@ def build(cfg: TrainConfig) -> Setup:
                 attached += 1
         if not attached:
             raise ValueError(f"lora.targets {cfg.lora.targets} match no layer (try o_proj, q_proj, ..., down_proj)")
-    trainable = {n: p for n, p in model.named_parameters() if ".lora_" in n}
+    if cfg.lora.sampler_head_inner and model.sampler_head is None:
+        model.sampler_head = SamplerHead(model.config.hidden_size, cfg.lora.sampler_head_inner,
+                                         cfg.lora.sampler_head_top_k, model.config.rms_norm_eps)
+    trainable = {n: p for n, p in model.named_parameters()
+                 if (".lora_" in n and cfg.lora.train_adapter) or n.startswith("sampler_head.")}
+    if not trainable:
+        raise ValueError(f"{cfg.lora.init}: has no sampler head to train (lora.train_adapter is false)")
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in trainable)
     low = autocast_dtype(cfg.run)
     if low is not None:  # a frozen base needs no fp32 master copy: half the memory traffic
         for name, p in model.named_parameters():

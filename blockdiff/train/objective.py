@@ -227,27 +227,39 @@ class ObjectiveModule(nn.Module):
         if noisy is None or not bool(masked.any()):
             diff_sum = noisy.sum() * 0.0 if noisy is not None else ar_sum * 0.0  # keeps every parameter in the graph
         else:
-            diff_logits = self.model.logits(noisy[masked])  # (n_masked, vocab): no shift
-            per_slot = F.cross_entropy(diff_logits, x0[masked], reduction="none")  # (n_masked,)
-            if self.cfg.kl_weight:
-                per_slot = per_slot + self.cfg.kl_weight * self.distillation(diff_logits, clean, masked)
+            targets = x0[masked]  # (n_masked,)
+            teacher = self.teacher(clean, masked) if self.cfg.kl_weight else None
+            per_slot = self.slot_loss(self.model.logits(noisy[masked]), targets, teacher)  # (n_masked,)
+            head = self.model.sampler_head
+            if head is not None:  # trained on the token before each slot, as it drafts after an accepted one
+                previous = torch.cat([x0[:, :1], x0[:, :-1]], dim=1)  # (B, N)
+                rescored = head(noisy[masked], self.model.embed_tokens(previous[masked]))  # (n_masked, hidden)
+                per_slot = per_slot + self.slot_loss(self.model.logits(rescored), targets, teacher)
             weight = slot_weights(x0.shape[1], self.cfg, x0.device).expand_as(p)[masked] / p[masked]
             diff_sum = (per_slot * weight).sum()
         return torch.stack([ar_sum, diff_sum])
 
 
-    def distillation(self, diff_logits: torch.Tensor, clean: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
-        """(n_masked,) KL from each masked position's draft distribution to the AR distribution
-        for that position (the clean stream's prediction from the position before); 0 at
-        position 0, which has no AR prediction."""
-        kl = torch.zeros(diff_logits.shape[0], dtype=torch.promote_types(diff_logits.dtype, torch.float32),
-                         device=diff_logits.device)
+    def teacher(self, clean: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The AR distribution for each masked position (the clean stream's prediction from the
+        position before): (has_teacher (n_masked,) bool, logits (n_teacher, vocab)); position 0
+        has none."""
         has_teacher = masked.clone()
         has_teacher[:, 0] = False  # (B, N)
         with torch.no_grad():
-            teacher = self.model.logits(clean[:, :-1][has_teacher[:, 1:]])  # (n_teacher, vocab)
-        kl[has_teacher[masked]] = soft_target_kl(diff_logits[has_teacher[masked]], teacher)
-        return kl
+            logits = self.model.logits(clean[:, :-1][has_teacher[:, 1:]])  # (n_teacher, vocab)
+        return has_teacher[masked], logits
+
+    def slot_loss(self, logits: torch.Tensor, targets: torch.Tensor,
+                  teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """(n_masked, vocab) draft logits -> (n_masked,) CE + kl_weight * KL to the teacher."""
+        loss = F.cross_entropy(logits, targets, reduction="none")
+        if teacher is None:
+            return loss
+        has_teacher, teacher_logits = teacher
+        kl = torch.zeros_like(loss)
+        kl[has_teacher] = soft_target_kl(logits[has_teacher], teacher_logits)
+        return loss + self.cfg.kl_weight * kl
 
 
 def combine(sums: torch.Tensor, norms: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
