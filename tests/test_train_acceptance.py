@@ -1,6 +1,8 @@
 """Teacher-forced draft acceptance (training metric) against drafting through the KV cache."""
+import pytest
 import torch
 
+from blockdiff.model.sampler_head import SamplerHead
 from helpers import tiny_model
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.train.acceptance import draft_acceptance, summarize
@@ -20,15 +22,23 @@ def inference_draft(model, prefix: torch.Tensor, tok: int) -> torch.Tensor:
     block = torch.tensor([[tok] + [MASK] * (L - 1)])  # (1, L)
     positions = torch.arange(len(prefix), len(prefix) + L)[None]  # (1, L)
     hidden = model(block, positions, cache, "bidirectional", adapter_gate=torch.ones(1, L, dtype=torch.bool))
-    return model.logits(hidden[0, 1:]).argmax(-1)
+    logits = model.logits(hidden[0, 1:])
+    if model.sampler_head is None:
+        return logits.argmax(-1)
+    return model.sampler_head.greedy_drafts(hidden[:, 1:], logits[None], torch.tensor([tok]),
+                                            model.embed_tokens, model.head_weight)[0]
 
 
-def test_acceptance_counts_what_linear_spec_would_accept():
+@pytest.mark.parametrize("with_head", [False, True])
+def test_acceptance_counts_what_linear_spec_would_accept(with_head):
     torch.manual_seed(0)
     model = tiny_model(vocab=VOCAB)
     for name, m in model.lora_modules().items():
         if name.endswith("o_proj"):
             m.attach_lora(4, 8.0, B=torch.randn(m.out_features, 4))  # drafts differ from the base model's
+    if with_head:  # drafts walk the block through the head, as the spec modes draft
+        model.sampler_head = SamplerHead(model.config.hidden_size, 16, top_k=3)
+        torch.nn.init.normal_(model.sampler_head.up.weight, std=2.0)
     # Build each block from the drafts the model itself makes there, keeping a known number
     # of them (then one wrong token), so the true accepted length of every block is known.
     gen = torch.Generator().manual_seed(1)

@@ -30,7 +30,7 @@ def draft_acceptance(objective: ObjectiveModule, x0: torch.Tensor, loss_mask: to
     noisy, _ = objective.halves(xt, x0)  # (B, N, hidden)
     blocks = N // L  # a partial last block is left out: it has no full draft
     hidden = noisy[:, :blocks * L].reshape(B, blocks, L, -1)[:, :, 1:]  # (B, blocks, L-1, hidden)
-    guess = objective.model.logits(hidden).argmax(-1)  # (B, blocks, L-1)
+    guess = draft_guesses(objective.model, hidden, x0[:, :blocks * L:L])  # (B, blocks, L-1)
     target = x0[:, :blocks * L].view(B, blocks, L)[:, :, 1:]  # (B, blocks, L-1)
     counted = loss_mask[:, :blocks * L].view(B, blocks, L)[:, :, 1:]  # (B, blocks, L-1)
     if stop_id is not None:
@@ -40,6 +40,20 @@ def draft_acceptance(objective: ObjectiveModule, x0: torch.Tensor, loss_mask: to
     drafted = counted[..., 0]  # (B, blocks): blocks whose first draft is scored
     per_position = accepted[drafted].sum(0)  # (L-1,)
     return torch.cat([drafted.sum().view(1), per_position]).double()
+
+
+def draft_guesses(model, hidden: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """(B, blocks, L-1, hidden) draft states, (B, blocks) anchors -> (B, blocks, L-1) drafts,
+    through the sampler head where the model has one, as the spec modes draft. Along an
+    accepted prefix the head's own picks are the text, so its picks here are the drafts
+    linear_spec would make."""
+    logits = model.logits(hidden)  # (B, blocks, L-1, V)
+    if model.sampler_head is None:
+        return logits.argmax(-1)
+    B, blocks, K, H = hidden.shape
+    drafts = model.sampler_head.greedy_drafts(hidden.reshape(B * blocks, K, H), logits.flatten(0, 1),
+                                              anchors.flatten(), model.embed_tokens, model.head_weight)
+    return drafts.view(B, blocks, K)
 
 
 def summarize(totals: torch.Tensor) -> dict:
