@@ -10,9 +10,9 @@ DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 MODES = DECODING_MODES + ("auto",)
 # block_length when a request leaves it out. A spec step costs forwards of L (linear_spec) or
 # L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
-# blocks only add cost: on the default model linear_spec ran at 0.92x ar at L = 8 and 0.50x at
-# 32, quad_spec 0.70x at 4 on a 2-core EPYC (benchmarks/RESULTS.md, "Engine"). diffusion
-# keeps the length its drafter was trained at. ar has no blocks; the value only groups batches.
+# blocks only add cost (benchmarks/RESULTS.md, "Engine"). diffusion keeps 32, the block the
+# default drafter's first stage was trained at; its later stages trained at 8, which is not yet
+# measured for diffusion. ar has no blocks; the value only groups batches.
 DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 32, "linear_spec": 8, "quad_spec": 4}
 
 

@@ -86,14 +86,18 @@ class DecodeBatch:
         before it); sampled rows draw from the pass's own distribution, which their
         acceptance test needs. Drafts only propose: the verifier decides what is emitted."""
         logits = self.model.logits(hidden)  # (B, K, V)
-        drafts, probs = self.pick_tokens(logits)
         head = self.model.sampler_head
         greedy = [row for row, seq in enumerate(self.seqs) if seq.params.greedy]
-        if head is not None and greedy:
-            rows = torch.tensor(greedy)
-            first = self.pending_tokens()[rows, 0]  # (G,)
-            drafts[rows] = head.greedy_drafts(hidden[rows.to(hidden.device)], logits[rows.to(logits.device)], first,
-                                              self.model.embed_tokens, self.model.head_weight).cpu()
+        if head is None or not greedy:
+            return self.pick_tokens(logits)
+        rows = torch.tensor(greedy)
+        on_device = rows.to(hidden.device)
+        head_drafts = head.greedy_drafts(hidden[on_device], logits[on_device], self.pending_tokens()[rows, 0],
+                                         self.model.embed_tokens, self.model.head_weight).cpu()  # (G, K)
+        if len(greedy) == len(self.seqs):
+            return head_drafts, None
+        drafts, probs = self.pick_tokens(logits)
+        drafts[rows] = head_drafts
         return drafts, probs
 
     def pending_tokens(self) -> torch.Tensor:

@@ -19,6 +19,7 @@ from blockdiff.errors import CheckpointError
 from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.model.transformer import Transformer
 
+HEAD_FILE, HEAD_KEY = "sampler_head.safetensors", "blockdiff_sampler_head"  # the head's file, its config entry
 # base_model.model.model.layers.3.self_attn.o_proj.lora_A.weight (and NLD's encoder.* naming)
 _KEY = re.compile(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.default)?\.weight$")
 
@@ -60,9 +61,6 @@ def load_adapter(model: Transformer, path: str | Path) -> dict:
     return config
 
 
-HEAD_FILE, HEAD_KEY = "sampler_head.safetensors", "blockdiff_sampler_head"
-
-
 def _load_sampler_head(model: Transformer, path: Path, spec: dict) -> SamplerHead:
     try:
         head = SamplerHead(model.config.hidden_size, int(spec["inner_size"]), int(spec["top_k"]),
@@ -70,7 +68,7 @@ def _load_sampler_head(model: Transformer, path: Path, spec: dict) -> SamplerHea
         head.load_state_dict(load_file(str(path)), strict=True)
     except (SafetensorError, OSError, KeyError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a sampler head for this model ({type(e).__name__}: {e})") from None
-    return head.to(model.dtype).to(model.device)
+    return head.to(device=model.device, dtype=model.dtype)
 
 
 def save_adapter(model: Transformer, path: str | Path) -> None:

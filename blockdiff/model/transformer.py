@@ -14,8 +14,8 @@ from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, FusedLinear, linear, pack_for_cpu
-from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.model.rope import Rotary, apply_rotary
+from blockdiff.model.sampler_head import SamplerHead
 
 
 class RMSNorm(nn.Module):

@@ -227,18 +227,17 @@ class ObjectiveModule(nn.Module):
         if noisy is None or not bool(masked.any()):
             diff_sum = noisy.sum() * 0.0 if noisy is not None else ar_sum * 0.0  # keeps every parameter in the graph
         else:
-            targets = x0[masked]  # (n_masked,)
+            targets, drafted = x0[masked], noisy[masked]  # (n_masked,), (n_masked, hidden)
             teacher = self.teacher(clean, masked) if self.cfg.kl_weight else None
-            per_slot = self.slot_loss(self.model.logits(noisy[masked]), targets, teacher)  # (n_masked,)
+            per_slot = self.slot_loss(self.model.logits(drafted), targets, teacher)  # (n_masked,)
             head = self.model.sampler_head
             if head is not None:  # trained on the token before each slot, as it drafts after an accepted one
                 previous = torch.cat([x0[:, :1], x0[:, :-1]], dim=1)  # (B, N)
-                rescored = head(noisy[masked], self.model.embed_tokens(previous[masked]))  # (n_masked, hidden)
+                rescored = head(drafted, self.model.embed_tokens(previous[masked]))  # (n_masked, hidden)
                 per_slot = per_slot + self.slot_loss(self.model.logits(rescored), targets, teacher)
             weight = slot_weights(x0.shape[1], self.cfg, x0.device).expand_as(p)[masked] / p[masked]
             diff_sum = (per_slot * weight).sum()
         return torch.stack([ar_sum, diff_sum])
-
 
     def teacher(self, clean: torch.Tensor, masked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The AR distribution for each masked position (the clean stream's prediction from the
