@@ -5,6 +5,8 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from blockdiff.decoding.logprobs import MAX_LOGPROBS
+
 DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 # "auto" resolves to the fastest lossless mode when a request is scheduled (engine/auto.py)
 MODES = DECODING_MODES + ("auto",)
@@ -39,6 +41,10 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     min_tokens: int = 0  # stop tokens and stop strings do not end a sequence shorter than this
+    # log-probabilities (decoding/logprobs.py) of each emitted / prompt token, with this many
+    # alternatives; None: not computed. With prompt_logprobs, max_new_tokens may be 0 (scoring only).
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -47,8 +53,10 @@ class SamplingParams:
             self.block_length = DEFAULT_BLOCK_LENGTHS.get(self.mode)
         checks = [
             (self.mode in MODES, "mode", f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}"),
-            (_is_int(self.max_new_tokens) and self.max_new_tokens > 0, "max_new_tokens",
-             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}"),
+            (_is_int(self.max_new_tokens) and (self.max_new_tokens > 0 or (self.max_new_tokens == 0 and
+                                                                           self.prompt_logprobs is not None)),
+             "max_new_tokens", f"max_new_tokens must be a positive integer (0 only to score a prompt, with "
+             f"prompt_logprobs), got {self.max_new_tokens!r}"),
             ((_is_int(self.block_length) and 0 < self.block_length <= 1024)
              or (self.block_length is None and self.mode == "auto"), "block_length",
              f"block_length must be an integer in [1, 1024], got {self.block_length!r}"),
@@ -63,6 +71,15 @@ class SamplingParams:
             (_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}"),
         ]
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            checks += [
+                (value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name,
+                 f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {value!r}"),
+                (value is None or self.mode != "diffusion", name,
+                 f"{name} need the AR model's scores of the emitted tokens, which diffusion does not "
+                 f"compute (it commits denoised tokens); use ar, linear_spec, quad_spec or auto"),
+            ]
         for ok, param, message in checks:
             if not ok:
                 raise InvalidParameter(param, message)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from datetime import datetime
 from typing import Any
@@ -21,6 +22,11 @@ _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _GGUF_CONTROL = 3  # llama.cpp token types: 1 normal, 3 control, 4 user-defined
 _GGUF_USER_DEFINED = 4
+# byte-level BPE stores byte b as this character (GPT-2's table): printable bytes as themselves
+_BYTE_CHARS = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+_CHAR_TO_BYTE = {chr(b): b for b in _BYTE_CHARS} | {
+    chr(256 + n): b for n, b in enumerate(b for b in range(256) if b not in _BYTE_CHARS)}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte tokens
 
 
 def _byte_level_pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
@@ -106,6 +112,19 @@ class Tokenizer:
     def token_str(self, token_id: int) -> str:
         """The vocabulary entry as stored (byte-level pieces look like 'Ġthe'); '' if unknown."""
         return self.tok.id_to_token(int(token_id)) or ""
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token stands for: its text's UTF-8, or, for a token that holds part of
+        a character (its text decodes to U+FFFD), the raw bytes of its vocabulary entry."""
+        text = self.decode([token_id], skip_special_tokens=False)
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        piece = self.token_str(token_id)
+        if match := _BYTE_FALLBACK.fullmatch(piece):
+            return bytes([int(match[1], 16)])
+        if piece and all(c in _CHAR_TO_BYTE for c in piece):
+            return bytes(_CHAR_TO_BYTE[c] for c in piece)
+        return text.encode("utf-8")
 
     @property
     def vocab_size(self) -> int:

@@ -71,7 +71,7 @@ BAD = [  # (path, body, status, param)
     ("/v1/completions", {**OK, "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {**OK, "min_tokens": -1}, 400, "min_tokens"),
     ("/v1/completions", {**OK, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
-    ("/v1/completions", {**OK, "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {**OK, "logprobs": 2, "mode": "diffusion"}, 400, "logprobs"),
     ("/v1/completions", {**OK, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
 ]

@@ -103,12 +103,17 @@ def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
 
 @pytest.mark.parametrize("mode,block", [("linear_spec", 8), ("linear_spec", 32), ("quad_spec", 4)])
 def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
-    """End to end, batched (ragged rows) and one prompt at a time."""
+    """End to end, batched (ragged rows) and one prompt at a time: the same tokens and the
+    same log-probabilities, bit for bit."""
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
                "List three prime numbers:"]
-    params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True)
-    ar = [o.token_ids for o in native_llm.generate(prompts, SamplingParams(mode="ar", **params), use_tqdm=False)]
+    params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+
+    def result(outputs):
+        return [(o.token_ids, o.logprobs) for o in outputs]
+
+    ar = result(native_llm.generate(prompts, SamplingParams(mode="ar", **params), use_tqdm=False))
     spec = SamplingParams(mode=mode, block_length=block, **params)
-    batched = [o.token_ids for o in native_llm.generate(prompts, spec, use_tqdm=False)]
-    alone = [native_llm.generate(p, spec, use_tqdm=False)[0].token_ids for p in prompts]
+    batched = result(native_llm.generate(prompts, spec, use_tqdm=False))
+    alone = [result(native_llm.generate(p, spec, use_tqdm=False))[0] for p in prompts]
     assert batched == ar and alone == ar

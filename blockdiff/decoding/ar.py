@@ -15,7 +15,7 @@ def start(batch: DecodeBatch) -> None:
 def step(batch: DecodeBatch) -> None:
     hidden = batch.forward(batch.pending_tokens(), "causal")  # (B, 1, hidden)
     batch.cache.advance(1)
-    tokens = batch.next_tokens(batch.model.logits(hidden[:, -1]))  # logits (B, V)
-    for row, (seq, token) in enumerate(zip(batch.seqs, tokens)):
+    logits = batch.model.logits(hidden[:, -1])  # (B, V)
+    for row, (seq, token) in enumerate(zip(batch.seqs, batch.next_tokens(logits))):
         seq.metrics.steps += 1
-        batch.emit(row, [token])
+        batch.emit(row, [token], logits[row:row + 1])

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 
+from blockdiff.decoding.logprobs import score
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.attention_mask import Pattern
 from blockdiff.model.kv_cache import KVCache
@@ -101,7 +102,9 @@ class DecodeBatch:
         return drafts, probs
 
     def pending_tokens(self) -> torch.Tensor:
-        return torch.tensor([[s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
+        # a row that finished at prefill without a token (max_new_tokens 0) drafts from 0;
+        # it retires before any step
+        return torch.tensor([[0 if s.pending is None else s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
 
     def masks(self, width: int) -> torch.Tensor:
         return torch.full((len(self.seqs), width), self.mask_token_id, dtype=torch.long)  # (B, width)
@@ -116,8 +119,13 @@ class DecodeBatch:
         self.on_event(kind, {"row": row, **payload, "nfe": seq.metrics.nfe,
                              "completion_tokens": len(seq.output_ids)})
 
-    def emit(self, row: int, tokens: list[int]) -> int:
-        kept = self.seqs[row].append(tokens)
+    def emit(self, row: int, tokens: list[int], logits: torch.Tensor | None = None) -> int:
+        """Append tokens to a row's output; `logits` (>= len(tokens), V) are the causal logits
+        that decided them, scored when the sequence asked for logprobs."""
+        seq = self.seqs[row]
+        k = seq.params.logprobs
+        logprobs = score(logits[:len(tokens)], tokens, k) if k is not None and tokens else None
+        kept = seq.append(tokens, logprobs)
         if kept and self.observed(row):
             self.event("commit", row, tokens=tokens[:kept])
         return kept
@@ -158,7 +166,16 @@ class DecodeBatch:
 
     def emit_after_prompts(self, hidden: torch.Tensor, lengths: list[int]) -> None:
         """Emit each sequence's first token from (B, P', hidden) states whose row b holds its
-        prompt in the first lengths[b] slots."""
+        prompt in the first lengths[b] slots; score the prompts that asked for it."""
+        for row, seq in enumerate(self.seqs):
+            k = seq.params.prompt_logprobs
+            if k is not None:
+                prompt_logits = self.model.logits(hidden[row, :lengths[row] - 1])  # (P-1, V): slot i predicts i+1
+                seq.prompt_logprobs = [None] + score(prompt_logits, seq.prompt_ids[1:], k)
         last = hidden[torch.arange(len(self.seqs)), torch.tensor(lengths) - 1]  # (B, hidden)
-        for row, token in enumerate(self.next_tokens(self.model.logits(last))):  # logits (B, V)
-            self.emit(row, [token])
+        logits = self.model.logits(last)  # (B, V)
+        for row, token in enumerate(self.next_tokens(logits)):
+            if self.seqs[row].params.max_new_tokens == 0:
+                self.seqs[row].finish_empty()
+            else:
+                self.emit(row, [token], logits[row:row + 1])

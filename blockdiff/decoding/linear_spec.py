@@ -30,5 +30,5 @@ def step(batch: DecodeBatch) -> None:
     target_logits = batch.model.logits(hidden)  # (B, L, V): shifted, slot i predicts slot i+1
     verdicts = verify.accept_batch(batch, drafts, draft_probs, target_logits)
     for row, (accepted, bonus) in enumerate(verdicts):
-        verify.commit_row(batch, row, drafts[row], accepted, bonus)
+        verify.commit_row(batch, row, drafts[row], accepted, bonus, target_logits[row])
     batch.cache.advance([1 + accepted for accepted, _ in verdicts])  # the pending token and the confirmed drafts

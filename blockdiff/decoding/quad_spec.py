@@ -89,7 +89,7 @@ def step(batch: DecodeBatch) -> None:
     target_logits = batch.model.logits(hidden[:, :L])  # (B, L, V): anchor i predicts the slot after it
     verdicts = verify.accept_batch(batch, drafts, draft_probs, target_logits)
     for row, (accepted, bonus) in enumerate(verdicts):
-        verify.commit_row(batch, row, drafts[row], accepted, bonus)
+        verify.commit_row(batch, row, drafts[row], accepted, bonus, target_logits[row])
     accepted = torch.tensor([a for a, _ in verdicts])  # (B,)
     batch.cache.advance((1 + accepted).tolist())  # anchors d_0..d_a are exact causal entries
     # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot

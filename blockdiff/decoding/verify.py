@@ -49,12 +49,14 @@ def accept_batch(batch, drafts: torch.Tensor, draft_probs: list[torch.Tensor | N
             for row, seq in enumerate(batch.seqs)]
 
 
-def commit_row(batch, row: int, drafts: torch.Tensor, accepted: int, bonus: int) -> None:
-    """Emit one sequence's accepted drafts (K,) and the bonus token, and record the step."""
+def commit_row(batch, row: int, drafts: torch.Tensor, accepted: int, bonus: int,
+               target_logits: torch.Tensor) -> None:
+    """Emit one sequence's accepted drafts (K,) and the bonus token, which its (K+1, V)
+    target logits decided, and record the step."""
     seq = batch.seqs[row]
     if batch.observed(row):  # before the commit it causes, so observers see draft, verify, commit
         batch.event("verify", row, drafts=drafts.tolist(), accepted=accepted, drafted=len(drafts), bonus=bonus)
-    kept = batch.emit(row, drafts[:accepted].tolist() + [bonus])
+    kept = batch.emit(row, drafts[:accepted].tolist() + [bonus], target_logits)
     seq.metrics.record_draft(len(drafts), accepted)
     seq.metrics.steps += 1
     seq.metrics.verify_steps += 1

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blockdiff.decoding.batch import EventHook
+from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.run import decode
 from blockdiff.engine.auto import AutoMode
@@ -28,6 +29,8 @@ class RequestOutput:
     finish_reason: str
     metrics: Metrics
     mode: str
+    logprobs: list[TokenLogprob] | None = None  # per output token, when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None)
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
@@ -135,4 +138,5 @@ class LLM:
         if seq.stop_text_end is not None:
             text = text[:seq.stop_text_end]
         return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, text,
-                             list(seq.output_ids), seq.finish_reason, seq.metrics, seq.params.mode)
+                             list(seq.output_ids), seq.finish_reason, seq.metrics, seq.params.mode,
+                             seq.logprobs if seq.params.logprobs is not None else None, seq.prompt_logprobs)

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.engine.sequence import Sequence
 
 _ids = itertools.count()
@@ -21,6 +22,8 @@ class Update:
     stop_text_end: int | None = None
     metrics: dict | None = None  # Metrics.to_dict() once finished
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass
@@ -58,6 +61,8 @@ class Request:
         self.sent = len(seq.output_ids)
         self.done = reason is not None
         metrics = {**seq.metrics.to_dict(), "verify_steps": seq.metrics.verify_steps} if self.done else None
-        update = Update(list(seq.output_ids), max(new, 0), reason, seq.stop_text_end, metrics, error)
+        logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None  # records are frozen
+        update = Update(list(seq.output_ids), max(new, 0), reason, seq.stop_text_end, metrics, error,
+                        logprobs, seq.prompt_logprobs)
         self.on_update(update)
         return update

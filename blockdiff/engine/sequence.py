@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.sampling import SamplingParams
 
@@ -23,6 +24,8 @@ class Sequence:
     pending: int | None = None  # the last emitted token, whose keys/values are not cached yet
     draft: torch.Tensor | None = None  # quad_spec: the drafts that follow `pending`
     draft_probs: torch.Tensor | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
     metrics: Metrics = field(default_factory=Metrics)
     start_time: float = field(default_factory=time.perf_counter)
 
@@ -50,8 +53,11 @@ class Sequence:
         tokens and stop strings are not searched for; only max_new_tokens ends the sequence."""
         return length >= self.params.min_tokens
 
-    def append(self, tokens: list[int]) -> int:
-        """Emit tokens in order until one ends the sequence; returns how many were kept."""
+    def append(self, tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> int:
+        """Emit tokens in order until one ends the sequence; returns how many were kept.
+        `logprobs` (one per token) is required when params.logprobs is set."""
+        if self.params.logprobs is not None and (logprobs is None or len(logprobs) != len(tokens)):
+            raise ValueError("this sequence records logprobs: append needs one per token")
         kept = 0
         for token in tokens:
             if self.finished:
@@ -64,13 +70,23 @@ class Sequence:
                 self.finish_reason = "stop"
             elif self.remaining <= 0:
                 self.finish_reason = "length"
+        if logprobs is not None and self.params.logprobs is not None:
+            self.logprobs.extend(logprobs[:kept])
         if kept and self.params.stop and self.may_stop(len(self.output_ids)):
             self._check_stop_strings(kept)
+        self._settle()
+        return kept
+
+    def finish_empty(self) -> None:
+        """End a sequence that emits nothing (max_new_tokens 0: it only scores its prompt)."""
+        self.finish_reason = "length"
+        self._settle()
+
+    def _settle(self) -> None:
         self.metrics.generated_tokens = len(self.output_ids)
         if self.finished:
             self.metrics.wall_s = time.perf_counter() - self.start_time
         self.pending = self.output_ids[-1] if self.output_ids else None
-        return kept
 
     def completes_stop_string(self, tokens: list[int]) -> bool:
         """Whether appending `tokens` would complete a stop string: diffusion ends a block as
@@ -100,5 +116,6 @@ class Sequence:
         keep = next(k for k in range(len(self.output_ids) + 1)
                     if self.detokenize(self.output_ids[:k]).startswith(kept_text))
         del self.output_ids[keep:]
+        del self.logprobs[keep:]
         self.stop_text_end = cut
         self.finish_reason = "stop"

@@ -122,15 +122,16 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         prepared = prepare_completion(llm, req, config)
-        return await answer(request, Call("completion", name, req.return_token_ids, req.include_usage, req.return_steps),
-                            prepared, req.stream)
+        call = Call("completion", name, req.return_token_ids, req.include_usage, req.return_steps,
+                    logprobs=req.logprobs is not None)
+        return await answer(request, call, prepared, req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
         prepared = [prepare_chat(llm, req, config)]
-        return await answer(request, Call("chat", name, req.return_token_ids, req.include_usage, req.return_steps),
-                            prepared, req.stream)
+        call = Call("chat", name, req.return_token_ids, req.include_usage, req.return_steps, logprobs=req.logprobs)
+        return await answer(request, call, prepared, req.stream)
 
     mount_playground(app)  # GET / and /static/*: the live playground page
 

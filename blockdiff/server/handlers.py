@@ -18,6 +18,7 @@ from blockdiff.engine.request import Request, Update
 from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
 from blockdiff.engine.sequence import Sequence
 from blockdiff.server.errors import APIError, error_body
+from blockdiff.server.logprobs import LogprobFormatter, StreamedLogprobs
 from blockdiff.server.prepare import Prepared
 from blockdiff.server.steps import Step, StepBacklog, StepFormatter, step_chunk
 from blockdiff.server.streaming import SSE_DONE, TextTracker, sse
@@ -33,6 +34,7 @@ class Call:
     return_token_ids: bool
     include_usage: bool
     return_steps: bool = False  # the step-events extension (server/steps.py); streams only
+    logprobs: bool = False  # answer with `logprobs` objects (server/logprobs.py)
     id: str = ""
     created: int = 0
 
@@ -98,6 +100,11 @@ def _abort(engine: Engine, requests: list[Request]) -> None:
             engine.abort(r)
 
 
+def _joined(first: dict, second: dict) -> dict:
+    """Two completions logprobs objects, one after the other."""
+    return {key: first[key] + second[key] for key in first}
+
+
 def _failure(update: Update) -> APIError:
     return APIError(503 if "shutting down" in (update.error or "") else 500,
                     update.error or "the request was aborted", None, "engine_error")
@@ -123,6 +130,7 @@ async def complete(http: HTTPRequest, engine: Engine, llm, call: Call, prepared:
     for update in finals.values():
         if update.finish_reason in ("error", "abort"):
             return _failure(update).response()
+    formatter = LogprobFormatter(llm.tokenizer)
     choices = []
     for i, r in enumerate(requests):
         u = finals[i]
@@ -130,8 +138,15 @@ async def complete(http: HTTPRequest, engine: Engine, llm, call: Call, prepared:
         choice = {"index": i, "finish_reason": u.finish_reason}
         if call.kind == "chat":
             choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = formatter.chat(u.logprobs) if call.logprobs else None
         else:
-            choice.update(text=text, logprobs=None)
+            echo = prepared[i].echo_text
+            logprobs = None
+            if call.logprobs:
+                logprobs = formatter.completion(u.token_ids, u.logprobs, len(echo or ""))
+                if echo is not None:
+                    logprobs = _joined(formatter.completion(r.seq.prompt_ids, u.prompt_logprobs), logprobs)
+            choice.update(text=(echo or "") + text, logprobs=logprobs)
         if call.return_token_ids:
             choice["token_ids"] = u.token_ids
         choice["metrics"] = response_metrics(r, u)
@@ -147,13 +162,25 @@ def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Streami
     backlog = StepBacklog(asyncio.Queue()) if call.return_steps else None
     requests, queue = submit(engine, llm, prepared, backlog)  # errors (429, 503) before the stream starts
 
-    def token_text(token_id: int) -> str:
-        return llm.tokenizer.decode([token_id], skip_special_tokens=False)
+    formatter = LogprobFormatter(llm.tokenizer)
 
     async def events():
         trackers = [TextTracker(llm.tokenizer.decode, r.seq.params.stop) for r in requests]
-        formatters = [StepFormatter(token_text, lambda r=r: r.seq.params.mode) for r in requests]
+        formatters = [StepFormatter(formatter.token_text, lambda r=r: r.seq.params.mode) for r in requests]
+        streamed = [StreamedLogprobs(llm.tokenizer.decode) for _ in requests]
+        echoed = [p.echo_text is None for p in prepared]
         finals: dict[int, Update] = {}
+
+        def logprobs(index: int, update: Update, final: bool) -> dict | None:
+            """The records of the tokens whose text has now been sent (all of them when final)."""
+            if not call.logprobs:
+                return None
+            taken = streamed[index].take(update.token_ids, len(trackers[index].sent), final)
+            records = [update.logprobs[j] for j in taken]
+            if call.kind == "chat":
+                return formatter.chat(records)
+            ids = update.token_ids[:taken.stop]
+            return formatter.completion(ids[taken.start:], records, len(prepared[index].echo_text or ""), ids)
         try:
             if call.kind == "chat":
                 for i in range(len(requests)):
@@ -168,14 +195,21 @@ def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Streami
                     err = _failure(update)
                     yield sse(error_body(err.message, "server_error", None, err.code))
                     break
+                if not echoed[index]:  # completions with echo: the prompt (and its logprobs) first
+                    echoed[index] = True
+                    prompt_logprobs = (formatter.completion(requests[index].seq.prompt_ids, update.prompt_logprobs)
+                                       if call.logprobs else None)
+                    yield sse(_chunk(call, index, prepared[index].echo_text, logprobs=prompt_logprobs))
                 delta = trackers[index].advance(update)
+                final = update.finish_reason is not None
                 if delta:
                     content = {"content": delta} if call.kind == "chat" else delta
-                    yield sse(_chunk(call, index, content))
-                if update.finish_reason is not None:
+                    yield sse(_chunk(call, index, content, logprobs=logprobs(index, update, final)))
+                if final:
                     finals[index] = update
                     chunk = _chunk(call, index, {} if call.kind == "chat" else "", update.finish_reason,
-                                   update.token_ids if call.return_token_ids else None)  # all of them
+                                   update.token_ids if call.return_token_ids else None,  # all of them
+                                   logprobs(index, update, final))
                     chunk["metrics"] = response_metrics(requests[index], update)
                     yield sse(chunk)
             else:
@@ -190,12 +224,12 @@ def stream(engine: Engine, llm, call: Call, prepared: list[Prepared]) -> Streami
 
 
 def _chunk(call: Call, index: int, content, finish_reason: str | None = None,
-           token_ids: list[int] | None = None) -> dict:
+           token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
     choice = {"index": index, "finish_reason": finish_reason}
     if call.kind == "chat":
-        choice["delta"] = content
+        choice.update(delta=content, logprobs=logprobs)
     else:
-        choice.update(text=content, logprobs=None)
+        choice.update(text=content, logprobs=logprobs)
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {**call.head(chunk=True), "choices": [choice]}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from blockdiff.decoding.logprobs import MAX_LOGPROBS
 from blockdiff.sampling import InvalidParameter, SamplingParams
 from blockdiff.server.config import ServerConfig
 from blockdiff.server.errors import APIError, from_invalid_parameter
@@ -17,6 +18,7 @@ class Prepared:
     prompt_ids: list[int]
     params: SamplingParams
     suffix_ids: list[int] | None = None
+    echo_text: str | None = None  # completions with echo: the prompt's text, sent before the output
 
 
 def _unsupported(req: CommonRequest) -> None:
@@ -29,14 +31,28 @@ def _unsupported(req: CommonRequest) -> None:
         if getattr(req, name) != 0:
             raise APIError(400, f"{name} is not supported; use 0", name, "unsupported")
     if isinstance(req, CompletionRequest):
-        if req.logprobs is not None:
-            raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
-        if req.echo:
-            raise APIError(400, "echo is not supported", "echo", "unsupported")
         if req.best_of not in (None, 1):
             raise APIError(400, "best_of must be 1", "best_of", "unsupported")
-    if isinstance(req, ChatRequest) and (req.logprobs or req.top_logprobs):
-        raise APIError(400, "logprobs are not supported", "logprobs", "unsupported")
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 only with echo: true, to score the prompt)",
+                           "max_tokens", "invalid_value")
+    if isinstance(req, ChatRequest) and req.top_logprobs is not None:
+        if not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs", "invalid_value")
+        if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
+            raise APIError(400, f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {req.top_logprobs}",
+                           "top_logprobs", "invalid_value")
+
+
+def logprob_params(req: CommonRequest, max_tokens: int) -> dict:
+    """SamplingParams' logprobs fields for this request: completions score the prompt too with
+    echo (a prompt-only answer, max_tokens 0, is how lm-evaluation-harness scores a continuation)."""
+    if isinstance(req, ChatRequest):
+        return {"logprobs": (req.top_logprobs or 0) if req.logprobs else None}
+    prompt = req.logprobs if req.echo else None
+    if req.echo and max_tokens == 0 and prompt is None:
+        prompt = 0  # nothing to generate: the engine still runs the prompt (it has nothing else to do)
+    return {"logprobs": req.logprobs, "prompt_logprobs": prompt}
 
 
 def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode: str) -> SamplingParams:
@@ -49,7 +65,7 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
             min_p=req.min_p or 0.0, block_length=cfg.block_length if req.block_length is None else req.block_length,
             threshold=cfg.threshold if req.threshold is None else req.threshold,
             stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            seed=req.seed, min_tokens=req.min_tokens)
+            seed=req.seed, min_tokens=req.min_tokens, **logprob_params(req, max_tokens))
     except InvalidParameter as e:
         raise from_invalid_parameter(e) from None
     if params.mode == "quad_spec" and params.block_length > cfg.max_quad_block_length:
@@ -115,7 +131,8 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
             _check_ids(ids, llm.config.vocab_size, "prompt")
         max_tokens = _fit(llm, ids, req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
                           len(suffix_ids or []))
-        out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode), suffix_ids))
+        echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else None
+        out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode), suffix_ids, echo_text))
     _check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
     return out
 
