@@ -28,10 +28,12 @@ from blockdiff.server.errors import TYPES, APIError, error_body, from_validation
 from blockdiff.server.handlers import Call, complete, stream
 from blockdiff.server.metrics import ServerMetrics
 from blockdiff.server.playground import mount_playground
-from blockdiff.server.prepare import prepare_chat, prepare_completion
-from blockdiff.server.protocol import ChatRequest, CompletionRequest
+from blockdiff.server.prepare import check_ids, prepare_chat, prepare_completion, render_chat
+from blockdiff.server.protocol import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 log = logging.getLogger("blockdiff.server")
+# vLLM's tokenizer endpoints (lm-evaluation-harness tokenizes through them); guarded like /v1/*
+TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
 async def read_json(request: Request, limit: int) -> dict:
@@ -91,7 +93,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
 
     @app.middleware("http")
     async def authenticate(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1/"):
+        if config.api_key and (request.url.path.startswith("/v1/") or request.url.path in TOKENIZER_PATHS):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {config.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -132,6 +134,30 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
         prepared = [prepare_chat(llm, req, config)]
         call = Call("chat", name, req.return_token_ids, req.include_usage, req.return_steps, logprobs=req.logprobs)
         return await answer(request, call, prepared, req.stream)
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await parse(request, TokenizeRequest)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "send exactly one of prompt and messages", "prompt", "invalid_value")
+        if req.prompt is not None:
+            ids = llm.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = llm.tokenizer.encode(render_chat(llm, req.messages, req.add_generation_prompt, None))
+        return {"count": len(ids), "max_model_len": llm.max_context, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await parse(request, DetokenizeRequest)
+        check_ids(req.tokens, llm.config.vocab_size, "tokens")
+        return {"prompt": llm.tokenizer.decode(req.tokens)}
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info():
+        tok = llm.tokenizer
+        return {"tokenizer_class": "blockdiff.Tokenizer", "model_max_length": llm.max_context,
+                "bos_token": tok.bos_token, "eos_token": tok.eos_tokens[0] if tok.eos_tokens else None,
+                "pad_token": None, "chat_template": tok.chat_template}
 
     mount_playground(app)  # GET / and /static/*: the live playground page
 

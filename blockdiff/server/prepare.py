@@ -8,7 +8,7 @@ from blockdiff.decoding.logprobs import MAX_LOGPROBS
 from blockdiff.sampling import InvalidParameter, SamplingParams
 from blockdiff.server.config import ServerConfig
 from blockdiff.server.errors import APIError, from_invalid_parameter
-from blockdiff.server.protocol import ChatRequest, CommonRequest, CompletionRequest
+from blockdiff.server.protocol import ChatMessage, ChatRequest, CommonRequest, CompletionRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's and vLLM's default for /v1/completions
 
@@ -74,7 +74,7 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
     return params
 
 
-def _check_ids(ids: list[int], vocab: int, param: str) -> None:
+def check_ids(ids: list[int], vocab: int, param: str) -> None:
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param, "invalid_value")
@@ -128,13 +128,24 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
             ids = llm.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         else:
             ids = list(prompt)
-            _check_ids(ids, llm.config.vocab_size, "prompt")
+            check_ids(ids, llm.config.vocab_size, "prompt")
         max_tokens = _fit(llm, ids, req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
                           len(suffix_ids or []))
         echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else None
         out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode), suffix_ids, echo_text))
-    _check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
     return out
+
+
+def render_chat(llm, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict | None) -> str:
+    """The chat template applied to the messages; a 400 when the model has none or it raises."""
+    if not llm.tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "unsupported")
+    try:
+        return llm.tokenizer.apply_chat_template([m.to_template() for m in messages],
+                                                 add_generation_prompt=add_generation_prompt, **(template_kwargs or {}))
+    except Exception as e:  # a template that raises on these messages is the caller's input problem
+        raise APIError(400, f"the chat template rejected these messages: {e}", "messages", "invalid_value") from None
 
 
 def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
@@ -142,16 +153,9 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     if not req.messages:
         raise APIError(400, "messages is empty", "messages", "invalid_value")
     mode = _mode(req, cfg, llm, infill=False)
-    if not llm.tokenizer.chat_template:
-        raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "unsupported")
-    try:
-        text = llm.tokenizer.apply_chat_template([m.to_template() for m in req.messages],
-                                                 add_generation_prompt=req.add_generation_prompt,
-                                                 **(req.chat_template_kwargs or {}))
-    except Exception as e:  # a template that raises on these messages is the caller's input problem
-        raise APIError(400, f"the chat template rejected these messages: {e}", "messages", "invalid_value") from None
+    text = render_chat(llm, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = _fit(llm, ids, req, requested, None, "messages")
-    _check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
     return Prepared(ids, sampling_params(req, cfg, max_tokens, mode))
