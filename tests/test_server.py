@@ -246,3 +246,17 @@ def test_prometheus_metrics_use_vllm_names(server, client):
         assert f"blockdiff:{name}" in text, name
     info = httpx.get(server.url + "/get_server_info").json()
     assert info["internal_states"][0]["avg_spec_accept_length"] >= 1.0
+
+
+def test_tokenizer_endpoints_as_vllm_serves_them(llm, server):
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "the cat sat", "add_special_tokens": False}).json()
+    assert r["tokens"] == llm.tokenizer.encode("the cat sat") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == llm.max_context
+    chat = httpx.post(server.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == llm.tokenizer.encode(llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]))
+    assert httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "the cat sat"}
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == llm.tokenizer.eos_tokens[0] and info["chat_template"] == llm.tokenizer.chat_template
+    for path, body in [("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": []}),
+                       ("/detokenize", {"tokens": [10**7]}), ("/detokenize", {"tokens": "abc"})]:
+        assert httpx.post(server.url + path, json=body).status_code == 400

@@ -42,6 +42,8 @@ def assert_error(r: httpx.Response, status: int, param: str | None = "any") -> d
 
 
 OK = {"prompt": "the cat", "max_tokens": 4}
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
 BAD = [  # (path, body, status, param)
     ("/v1/completions", {**OK, "max_tokens": "four"}, 400, "max_tokens"),
     ("/v1/completions", {**OK, "temperature": "hot"}, 400, "temperature"),
@@ -72,6 +74,21 @@ BAD = [  # (path, body, status, param)
     ("/v1/completions", {**OK, "min_tokens": -1}, 400, "min_tokens"),
     ("/v1/completions", {**OK, "stop_token_ids": [10**6]}, 400, "stop_token_ids"),
     ("/v1/completions", {**OK, "logprobs": 2, "mode": "diffusion"}, 400, "logprobs"),
+    # fields that change the output contract, which blockdiff cannot honour yet, and bad chat turns
+    ("/v1/completions", {**OK, "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {}}}, 400,
+     "response_format"),
+    ("/v1/completions", {**OK, "guided_regex": "[0-9]+"}, 400, "guided_regex"),
+    ("/v1/completions", {**OK, "guided_choice": ["a", "b"]}, 400, "guided_choice"),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "required"}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL]}, 400, "tools"),
+    ("/v1/chat/completions", {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400,
+     "tool_choice"),
+    ("/v1/completions", {**OK, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/completions", {**OK, "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("/v1/completions", {**OK, "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {**OK, "model": "gpt-4"}, 404, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "model": "nope"}, 404, "model"),
 ]
@@ -83,10 +100,23 @@ def test_bad_input_gets_a_clear_error(server, path, body, status, param):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
-@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b"", b'{"prompt": "\\ud800", "max_tokens": 2}',
+                                 b'{"prompt": "a", "stop": ["\\udfff"]}', b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+                                 b'{"prompt": "a", "user": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"])
 def test_body_that_is_not_a_json_object(server, raw):
     r = httpx.post(server.url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert_error(r, 400)
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {**OK, "response_format": {"type": "text"}, "logit_bias": {}}),
+    ("/v1/chat/completions", {**CHAT, "tools": [TOOL], "tool_choice": "none"}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None},
+                                           {"role": "user", "content": "again"}], "max_tokens": 2}),
+])
+def test_fields_that_leave_the_answer_unchanged_are_accepted(server, path, body):
+    assert httpx.post(server.url + path, json=body, timeout=30).status_code == 200
 
 
 def test_huge_body_gets_413(server):
@@ -117,8 +147,8 @@ JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-10, 10**6) | st.
                        st.text(max_size=20), lambda inner: st.lists(inner, max_size=3), max_leaves=6)
 FIELDS = {
     "prompt": st.one_of(st.text(max_size=30), st.lists(st.integers(-2, 400), max_size=6), JSONISH),
-    "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", ""]),
-                                                          "content": st.one_of(st.text(max_size=20), JSONISH)}),
+    "messages": st.one_of(st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "wizard", ""]),
+                                                          "content": st.one_of(st.text(max_size=20), st.none(), JSONISH)}),
                                    max_size=2), JSONISH),
     "max_tokens": st.one_of(st.integers(-3, 12), JSONISH),
     "temperature": st.one_of(st.floats(-1, 3, allow_subnormal=False), JSONISH), "top_p": st.one_of(st.floats(-1, 2, allow_subnormal=False), JSONISH),
@@ -130,6 +160,12 @@ FIELDS = {
     "n": st.one_of(st.integers(0, 3), JSONISH), "seed": JSONISH, "ignore_eos": JSONISH,
     "min_tokens": st.one_of(st.integers(-1, 5), JSONISH), "stream": st.booleans(), "suffix": JSONISH,
     "model": st.sampled_from(["tiny", "other"]), "stream_options": JSONISH,
+    "response_format": st.one_of(st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "x"])}),
+                                 JSONISH),
+    "logit_bias": st.one_of(st.dictionaries(st.text(max_size=4), st.integers(-100, 100), max_size=2), JSONISH),
+    "tools": JSONISH, "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), JSONISH),
+    "logprobs": st.one_of(st.integers(-1, 22), st.booleans(), JSONISH), "echo": JSONISH,
+    "top_logprobs": st.one_of(st.integers(-1, 22), JSONISH),
 }
 
 
@@ -140,6 +176,7 @@ FIELDS = {
 def test_fuzzed_requests_never_crash_the_server(server, path, body):
     r = httpx.post(server.url + path, json=body, timeout=60)
     assert r.status_code in (200, 400, 404), r.text
+    assert httpx.get(server.url + "/health").status_code == 200
     if r.status_code != 200:
         assert_error(r, r.status_code)
     elif body.get("stream"):
@@ -159,6 +196,8 @@ def test_api_key_is_required_when_set(llm):
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=srv.url + "/v1", api_key="bad", max_retries=0).models.list()
         assert httpx.get(srv.url + "/health").status_code == 200  # probes need no key
+        assert_error(httpx.post(srv.url + "/tokenize", json={"prompt": "hi"}), 401)  # the tokenizer does
+        assert_error(httpx.get(srv.url + "/tokenizer_info"), 401)
 
 
 def test_full_queue_gets_429_and_a_stopped_engine_503(llm):

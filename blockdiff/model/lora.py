@@ -30,20 +30,38 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """x @ weight.T through the packed copy when there is one, with at least two rows.
+# the widest product computed in one call; wider inputs run as chunks of this many rows
+MAX_PRODUCT_ROWS = 128
 
-    GEMM libraries take another path for a single row (a matrix-vector kernel) that sums in
-    another order: on an AVX512-BF16 EPYC, 26 of 147,456 outputs of SmolLM2's down_proj
-    differed between one row and the same row among others. Every other row count gives
-    the same row, so a lone row is computed as one of two identical rows (nearly free: a
-    product's cost is reading the weight). tests/test_width_invariance.py checks this.
+
+def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T through the packed copy when there is one, each row summed in the same
+    order whatever the number of rows.
+
+    GEMM libraries pick kernels by the row count, and some sum in another order: a single
+    row takes a matrix-vector kernel (on an AVX512-BF16 EPYC, 26 of 147,456 outputs of
+    SmolLM2's down_proj differed between one row and the same row among others), and on an
+    AMX Xeon oneDNN splits down_proj's products differently at some widths between 150 and
+    256 rows. So a lone row is computed as one of two identical rows, and a packed product of
+    more than MAX_PRODUCT_ROWS rows as chunks of at most that many (both nearly free: a product's cost
+    is reading the weight, which stays in cache across chunks). tests/test_width_invariance.py
+    checks every width up to 320 rows.
     """
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
-    if rows.shape[0] == 1:
+    # only the packed (inference) products are chunked: training's unpacked ones keep one call
+    chunks = rows.split(MAX_PRODUCT_ROWS) if packed is not None else (rows,)  # (<= MAX_PRODUCT_ROWS, in) each
+    products = [_product(chunk, weight, packed) for chunk in chunks]
+    y = products[0] if len(products) == 1 else torch.cat(products)  # (N, out)
+    return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+
+
+def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+    """(n, in) -> (n, out); one row is computed as two."""
+    n = rows.shape[0]
+    if n == 1:
         rows = rows.expand(2, -1)  # (2, in)
-    y = packed_linear(rows, packed) if packed is not None else F.linear(rows, weight)  # (N or 2, out)
-    return y[:x[..., 0].numel()].reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
+    y = packed_linear(rows, packed) if packed is not None else F.linear(rows, weight)  # (n or 2, out)
+    return y[:n]
 
 
 class AdaptableLinear(nn.Linear):

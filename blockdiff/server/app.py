@@ -36,6 +36,29 @@ log = logging.getLogger("blockdiff.server")
 TOKENIZER_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
 
 
+MAX_JSON_DEPTH = 32  # nesting levels a body may have; the API's own schemas use fewer than 6
+
+
+def check_json(data, max_depth: int = MAX_JSON_DEPTH) -> None:
+    """400 for a body nested deeper than `max_depth` or holding text that is not valid
+    Unicode (a lone UTF-16 surrogate such as "\\ud800", which JSON allows to be escaped);
+    iterative, so no body can exhaust the stack."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > max_depth:
+                raise APIError(400, f"the body is nested deeper than {max_depth} levels", None, "invalid_json")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+        elif isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise APIError(400, "the body holds text that is not valid Unicode (a lone surrogate escape)",
+                               None, "invalid_json") from None
+
+
 async def read_json(request: Request, limit: int) -> dict:
     """The body as a JSON object; 413 past `limit` bytes (checked before reading it all)."""
     declared = request.headers.get("content-length")
@@ -50,8 +73,11 @@ async def read_json(request: Request, limit: int) -> dict:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    except RecursionError:
+        raise APIError(400, f"the body is nested deeper than {MAX_JSON_DEPTH} levels", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the body must be a JSON object", None, "invalid_json")
+    check_json(data)
     return data
 
 

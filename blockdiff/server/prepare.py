@@ -21,7 +21,34 @@ class Prepared:
     echo_text: str | None = None  # completions with echo: the prompt's text, sent before the output
 
 
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
+def _refuse_contract_changes(req: CommonRequest) -> None:
+    """Fields that would change what the answer may be and that blockdiff cannot honour yet:
+    a 400 naming each, never a plain-text answer the client did not ask for."""
+    if req.response_format is not None and req.response_format.get("type") != "text":
+        raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported: blockdiff "
+                       f"has no structured output yet; only {{'type': 'text'}}", "response_format", "unsupported")
+    for name in GUIDED_FIELDS:
+        if getattr(req, name) is not None:
+            raise APIError(400, f"{name} is not supported: blockdiff has no structured output yet", name, "unsupported")
+    if req.logit_bias:
+        raise APIError(400, "logit_bias is not supported", "logit_bias", "unsupported")
+    if isinstance(req, ChatRequest):
+        for tools, choice in (("tools", "tool_choice"), ("functions", "function_call")):
+            if getattr(req, tools) and getattr(req, choice) != "none":
+                raise APIError(400, f"{tools} need a tool-call parser, which blockdiff does not have; send "
+                               f"{choice}: 'none' to have them only shown to the model", tools, "unsupported")
+            if getattr(req, choice) not in (None, "none", "auto"):
+                raise APIError(400, f"{choice} {getattr(req, choice)!r} is not supported (no tool-call parser)",
+                               choice, "unsupported")
+
+
 def _unsupported(req: CommonRequest) -> None:
+    _refuse_contract_changes(req)
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only valid with stream: true", "stream_options", "invalid_value")
     if req.return_steps and not req.stream:
         raise APIError(400, "return_steps is only valid with stream: true (step events are stream chunks)",
                        "return_steps", "invalid_value")
@@ -152,6 +179,10 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     _unsupported(req)
     if not req.messages:
         raise APIError(400, "messages is empty", "messages", "invalid_value")
+    for i, message in enumerate(req.messages):
+        if message.content is None and message.role != "assistant":
+            raise APIError(400, f"messages[{i}].content is required for a {message.role!r} message",
+                           f"messages[{i}].content", "invalid_value")
     mode = _mode(req, cfg, llm, infill=False)
     text = render_chat(llm, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)

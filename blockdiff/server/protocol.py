@@ -2,12 +2,13 @@
 
 Strict: a string where a number belongs is an error, not a silent coercion. Fields a user
 of OpenAI, vLLM or SGLang may send and that blockdiff does not use are accepted and ignored
-(as vLLM does), unless ignoring them would change the answer (then they are a 400).
+(as vLLM does), unless ignoring them would change the answer: those are declared here
+so that server/prepare.py can refuse them with a 400 that names them.
 Range checks live in SamplingParams, which names the offending parameter.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +49,14 @@ class CommonRequest(BaseModel):
     block_length: int | None = None
     threshold: Number | None = None
     return_steps: bool = False  # stream step events too (server/steps.py); needs stream: true
+    # fields that change what the answer may be; not supported yet, so refused when set
+    response_format: dict[str, Any] | None = None
+    logit_bias: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     @property
     def include_usage(self) -> bool:
@@ -73,10 +82,13 @@ class TextPart(BaseModel):
     text: str
 
 
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # tool calls etc. reach the template
-    role: str = Field(min_length=1)
-    content: str | list[TextPart] | None = None
+    role: Literal[ROLES]
+    content: str | list[TextPart] | None = None  # None only for an assistant's (tool-calling) turn
 
     def to_template(self) -> dict:
         message = self.model_dump(exclude_none=True)
@@ -92,6 +104,10 @@ class ChatRequest(CommonRequest):
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class TokenizeRequest(BaseModel):
