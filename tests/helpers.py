@@ -45,6 +45,14 @@ def run(model: Transformer, prompts: list[list[int]], eos: int | None = None, **
     return decode(model, seqs, model.config.mask_token_id)
 
 
+def causal_logprobs(model: Transformer, ids: list[int]) -> torch.Tensor:
+    """(len(ids), V) log-softmax of one causal forward over ids without a cache: row i is the
+    model's distribution for token i+1 (the reference every logprobs test compares with)."""
+    with torch.inference_mode():
+        hidden = model(torch.tensor([ids]), None, None, "causal")  # (1, T, hidden)
+        return torch.log_softmax(model.logits(hidden[0]).float(), dim=-1)
+
+
 def tiny_tokenizer() -> Tokenizer:
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers, trainers

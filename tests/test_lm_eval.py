@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
-from blockdiff import LLM, SamplingParams
+from blockdiff import SamplingParams
+from helpers import causal_logprobs
 from test_server_support import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,9 +72,7 @@ def loglikelihood(llm, context: str, continuation: str) -> float:
     """lm-eval's split (the whole string's tokens after the context's) scored by one causal forward."""
     ctx = llm.tokenizer.encode(context)
     whole = llm.tokenizer.encode(context + continuation)
-    with torch.inference_mode():
-        hidden = llm.model(torch.tensor([whole]), None, None, "causal")  # (1, T, hidden)
-        logprobs = torch.log_softmax(llm.model.logits(hidden[0]).float(), dim=-1)  # (T, V)
+    logprobs = causal_logprobs(llm.model, whole)  # (T, V)
     return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(ctx), len(whole)))
 
 

@@ -3,7 +3,7 @@ same in every lossless mode (decoding/logprobs.py)."""
 import pytest
 import torch
 
-from helpers import attach_random_draft_adapter, run, tiny_model
+from helpers import attach_random_draft_adapter, causal_logprobs, run, tiny_model
 from blockdiff.sampling import InvalidParameter, SamplingParams
 
 PROMPTS = [[1, 2, 3, 4, 5], [7], [3] * 13, [9, 8]]
@@ -17,19 +17,12 @@ def inference_model(seed: int):
     return model
 
 
-def recompute(model, ids: list[int]) -> torch.Tensor:
-    """(len(ids), V) log-softmax of one causal forward over ids, no cache: row i predicts i+1."""
-    with torch.inference_mode():
-        hidden = model(torch.tensor([ids]), None, None, "causal")  # (1, T, hidden)
-        return torch.log_softmax(model.logits(hidden[0]).float(), dim=-1)
-
-
 @pytest.mark.parametrize("mode", ["ar", "linear_spec", "quad_spec"])
 def test_output_logprobs_equal_a_full_recompute(mode):
     model = inference_model(3)
     for seq in run(model, PROMPTS, eos=4, mode=mode, max_new_tokens=17, block_length=4, logprobs=3):
         assert [lp.token_id for lp in seq.logprobs] == seq.output_ids
-        full = recompute(model, seq.prompt_ids + seq.output_ids)
+        full = causal_logprobs(model, seq.prompt_ids + seq.output_ids)
         P = len(seq.prompt_ids)
         for i, lp in enumerate(seq.logprobs):
             row = full[P - 1 + i]  # the prediction for output token i
@@ -58,7 +51,7 @@ def test_every_lossless_mode_reports_the_same_numbers(temperature):
 def test_prompt_logprobs_and_scoring_without_generating():
     model = tiny_model(5, vocab=24)
     prompt = [1, 5, 9, 2, 7, 7, 3]
-    full = recompute(model, prompt)
+    full = causal_logprobs(model, prompt)
     for max_new in (0, 3):
         seq = run(model, [prompt], mode="ar", max_new_tokens=max_new, prompt_logprobs=1)[0]
         assert seq.prompt_logprobs[0] is None

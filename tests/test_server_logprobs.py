@@ -4,31 +4,13 @@ tests/test_logprobs.py), the same in every lossless mode, streamed or not."""
 from __future__ import annotations
 
 import httpx
-import openai
 import pytest
-import torch
 
 from blockdiff.sampling import SamplingParams
-from test_server_support import one_thread_llm, serving
+from helpers import causal_logprobs
+from test_server import client, llm, server  # noqa: F401  (module-scoped: this module gets its own server)
 
 LOSSLESS = ["ar", "linear_spec", "quad_spec"]
-
-
-@pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    with one_thread_llm(tmp_path_factory.mktemp("lp")) as llm:
-        yield llm
-
-
-@pytest.fixture(scope="module")
-def server(llm):
-    with serving(llm, block_length=4) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def engine_logprobs(llm, prompt, **kw):
@@ -38,9 +20,7 @@ def engine_logprobs(llm, prompt, **kw):
 
 def prompt_scores(llm, ids: list[int]) -> list[float]:
     """The log-probability of each prompt token after the first, from one causal forward."""
-    with torch.inference_mode():
-        hidden = llm.model(torch.tensor([ids]), None, None, "causal")  # (1, T, hidden)
-        logprobs = torch.log_softmax(llm.model.logits(hidden[0]).float(), dim=-1)  # (T, V)
+    logprobs = causal_logprobs(llm.model, ids)  # (T, V)
     return [float(logprobs[i - 1, ids[i]]) for i in range(1, len(ids))]
 
 

@@ -70,7 +70,7 @@ class Sequence:
                 self.finish_reason = "stop"
             elif self.remaining <= 0:
                 self.finish_reason = "length"
-        if logprobs is not None and self.params.logprobs is not None:
+        if logprobs is not None:
             self.logprobs.extend(logprobs[:kept])
         if kept and self.params.stop and self.may_stop(len(self.output_ids)):
             self._check_stop_strings(kept)
