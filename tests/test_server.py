@@ -258,5 +258,6 @@ def test_tokenizer_endpoints_as_vllm_serves_them(llm, server):
     info = httpx.get(server.url + "/tokenizer_info").json()
     assert info["eos_token"] == llm.tokenizer.eos_tokens[0] and info["chat_template"] == llm.tokenizer.chat_template
     for path, body in [("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": []}),
+                       ("/tokenize", {"messages": [{"role": "user", "content": None}]}),
                        ("/detokenize", {"tokens": [10**7]}), ("/detokenize", {"tokens": "abc"})]:
         assert httpx.post(server.url + path, json=body).status_code == 400

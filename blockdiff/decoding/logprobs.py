@@ -24,13 +24,9 @@ class TokenLogprob:
 
 
 def score(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
-    """(T, V) logits of the slots of `tokens` (T,) -> each token's logprob and its top `k`;
-    one host copy."""
+    """(T, V) logits of the slots of `tokens` (T,) -> each token's logprob and its top `k`."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (T, V)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0]  # (T,)
-    top = torch.topk(logprobs, k, dim=-1) if k else None  # (T, k)
-    chosen = chosen.cpu().tolist()
-    top_ids = top.indices.cpu().tolist() if k else [[] for _ in tokens]
-    top_values = top.values.cpu().tolist() if k else [[] for _ in tokens]
-    return [TokenLogprob(t, lp, tuple(zip(ids, values)))
-            for t, lp, ids, values in zip(tokens, chosen, top_ids, top_values)]
+    top = torch.topk(logprobs, k, dim=-1)  # (T, k); k may be 0
+    return [TokenLogprob(t, lp, tuple(zip(ids, values))) for t, lp, ids, values
+            in zip(tokens, chosen.cpu().tolist(), top.indices.cpu().tolist(), top.values.cpu().tolist())]

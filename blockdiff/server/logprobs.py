@@ -69,11 +69,14 @@ class StreamedLogprobs:
     def take(self, ids: list[int], sent_chars: int, final: bool) -> range:
         """Indices of the tokens to report now, given that `sent_chars` characters of the text
         have been sent; at the end (`final`) every remaining token."""
-        covered = len(ids) if final else self.sent
-        for j in range(self.sent + 1, len(ids) + 1) if not final else ():
-            text = self.detokenize(ids[:j])
-            if len(text) <= sent_chars and not text.endswith("\ufffd"):
-                covered = j
+        if final:
+            covered = len(ids)
+        else:
+            covered = self.sent
+            for j in range(self.sent + 1, len(ids) + 1):
+                text = self.detokenize(ids[:j])
+                if len(text) <= sent_chars and not text.endswith("\ufffd"):
+                    covered = j
         taken = range(self.sent, covered)
         self.sent = max(self.sent, covered)
         return taken

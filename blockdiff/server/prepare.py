@@ -165,7 +165,12 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
 
 
 def render_chat(llm, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict | None) -> str:
-    """The chat template applied to the messages; a 400 when the model has none or it raises."""
+    """The chat template applied to the messages; a 400 for a turn without content (only an
+    assistant's tool-calling turn may have none), when the model has no template or it raises."""
+    for i, message in enumerate(messages):
+        if message.content is None and message.role != "assistant":
+            raise APIError(400, f"messages[{i}].content is required for a {message.role!r} message",
+                           f"messages[{i}].content", "invalid_value")
     if not llm.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template; use /v1/completions", "messages", "unsupported")
     try:
@@ -179,10 +184,6 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     _unsupported(req)
     if not req.messages:
         raise APIError(400, "messages is empty", "messages", "invalid_value")
-    for i, message in enumerate(req.messages):
-        if message.content is None and message.role != "assistant":
-            raise APIError(400, f"messages[{i}].content is required for a {message.role!r} message",
-                           f"messages[{i}].content", "invalid_value")
     mode = _mode(req, cfg, llm, infill=False)
     text = render_chat(llm, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
