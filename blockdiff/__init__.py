@@ -1,7 +1,8 @@
 """blockdiff: one block-diffusion checkpoint, four decoding modes, chosen per call."""
+from blockdiff.decoding.grammar import StructuredOutputs
 from blockdiff.sampling import MODES, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "MODES"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "MODES"]
 __version__ = "0.1.0"
 
 

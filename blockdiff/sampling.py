@@ -5,6 +5,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 
+from blockdiff.decoding.grammar import StructuredOutputs
 from blockdiff.decoding.logprobs import MAX_LOGPROBS
 
 DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
@@ -45,6 +46,7 @@ class SamplingParams:
     # alternatives; None: not computed. With prompt_logprobs, max_new_tokens may be 0 (scoring only).
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputs | None = None  # a grammar the output follows (decoding/grammar.py)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -80,6 +82,13 @@ class SamplingParams:
                  f"{name} need the AR model's scores of the emitted tokens, which diffusion does not "
                  f"compute (it commits denoised tokens); use ar, linear_spec, quad_spec or auto"),
             ]
+        checks += [
+            (self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputs),
+             "structured_outputs", "structured_outputs must be a StructuredOutputs"),
+            (self.structured_outputs is None or self.mode != "diffusion", "structured_outputs",
+             "structured output needs tokens emitted left to right, and diffusion commits a block's "
+             "tokens in any order; use ar, linear_spec, quad_spec or auto"),
+        ]
         for ok, param, message in checks:
             if not ok:
                 raise InvalidParameter(param, message)

@@ -67,8 +67,23 @@ class DecodeBatch:
         return tokens.cpu(), None if confidence is None else confidence.cpu(), probs
 
     def next_tokens(self, logits: torch.Tensor) -> list[int]:
-        """One token per row from (B, V) logits (see `pick_tokens`)."""
-        return self.pick_tokens(logits[:, None])[0][:, 0].tolist()
+        """One token per row from (B, V) logits (see `pick_tokens`), within each row's grammar."""
+        return self.pick_tokens(self.constrained(logits[:, None]))[0][:, 0].tolist()
+
+    def constrained(self, logits: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K+1, V) logits that decide the next token of each row (K = 0) or verify its K
+        drafts (B, K) -> the same with what each row's grammar forbids at -inf, slot i under
+        the grammar's state after drafts[:i] (decoding/grammar.py). Rows without a grammar,
+        and the input, are left as they are."""
+        rows = [row for row, seq in enumerate(self.seqs) if seq.grammar is not None]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for row in rows:
+            path = drafts[row].tolist() if drafts is not None else []
+            allowed = self.seqs[row].grammar.path_masks(path).to(logits.device)  # (K+1, V)
+            logits[row].masked_fill_(~allowed, float("-inf"))
+        return logits
 
     def pick_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
         """(B, K, V) logits -> tokens (B, K) on the host, and each row's (K, V) probabilities

@@ -38,7 +38,9 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
 def accept_batch(batch, drafts: torch.Tensor, draft_probs: list[torch.Tensor | None] | None,
                  target_logits: torch.Tensor) -> list[tuple[int, int]]:
     """`accept` for every row: drafts (B, K), draft_probs as `DecodeBatch.pick_tokens` gives
-    them, target_logits (B, K+1, V). A greedy batch takes one argmax and one host copy."""
+    them, target_logits (B, K+1, V), which each row's grammar constrains along its drafts.
+    A greedy batch takes one argmax and one host copy."""
+    target_logits = batch.constrained(target_logits, drafts)
     if draft_probs is None:
         K = drafts.shape[1]
         ar = target_logits.argmax(-1).cpu()  # (B, K+1)

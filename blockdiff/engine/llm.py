@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from blockdiff.decoding.batch import EventHook
+from blockdiff.decoding.grammar import GrammarCompiler
 from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.run import decode
@@ -53,6 +54,7 @@ class LLM:
         elif self.config.mask_token_id is None:
             self.config.mask_token_id = source.mask_token_id
         self.tokenizer = ckpt.tokenizer
+        self.grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size)
         self.model = Transformer(self.config)
         self.model.load_state_dict(ckpt.state_dict, strict=True)
         self.model.to(device=device, dtype=torch_dtype).eval()
@@ -83,11 +85,15 @@ class LLM:
         return ids
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False) -> Sequence:
+        """A request's decoding state; raises ValueError (GrammarError for a structured-output
+        grammar that does not compile) naming what is wrong."""
         ids = self.encode(prompt, chat=chat)
         if len(ids) + params.max_new_tokens > self.max_context:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
                              f"exceeds the model's context of {self.max_context}")
-        return Sequence(ids, params, frozenset(self.tokenizer.eos_token_ids), self.tokenizer.decode)
+        spec = params.structured_outputs
+        return Sequence(ids, params, frozenset(self.tokenizer.eos_token_ids), self.tokenizer.decode,
+                        grammar=self.grammars.grammar(spec) if spec is not None else None)
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, on_event: EventHook | None = None, chat: bool = False,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockdiff.decoding.grammar import Grammar
 from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.sampling import SamplingParams
@@ -26,6 +27,7 @@ class Sequence:
     draft_probs: torch.Tensor | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
+    grammar: Grammar | None = None  # params.structured_outputs' matcher, following output_ids
     metrics: Metrics = field(default_factory=Metrics)
     start_time: float = field(default_factory=time.perf_counter)
 
@@ -66,7 +68,10 @@ class Sequence:
                 self.metrics.ttft_s = time.perf_counter() - self.start_time
             self.output_ids.append(token)
             kept += 1
-            if token in self.stop_ids and self.may_stop(len(self.output_ids)):
+            if self.grammar is not None:
+                self.grammar.consume(token)
+            if (token in self.stop_ids and self.may_stop(len(self.output_ids))) or (
+                    self.grammar is not None and self.grammar.complete):
                 self.finish_reason = "stop"
             elif self.remaining <= 0:
                 self.finish_reason = "length"

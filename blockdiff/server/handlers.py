@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from blockdiff.engine.request import Request, Update
 from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.grammar import GrammarError
 from blockdiff.server.errors import APIError, error_body
 from blockdiff.server.logprobs import LogprobFormatter, StreamedLogprobs
 from blockdiff.server.prepare import Prepared
@@ -77,7 +77,10 @@ def submit(engine: Engine, llm, prepared: list[Prepared], backlog: StepBacklog |
     queue: asyncio.Queue = backlog.queue if backlog is not None else asyncio.Queue()
     requests = []
     for index, p in enumerate(prepared):
-        seq = Sequence(p.prompt_ids, p.params, frozenset(llm.tokenizer.eos_token_ids), llm.tokenizer.decode)
+        try:
+            seq = llm.make_sequence(p.prompt_ids, p.params)
+        except GrammarError as e:  # a grammar that compiles alone but not against this vocabulary
+            raise APIError(400, str(e), "structured_outputs", "invalid_value") from None
         on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
         on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(backlog.offer, i, Step(kind, payload)))
                    if backlog is not None else None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from blockdiff.decoding.grammar import GrammarError, StructuredOutputs
 from blockdiff.decoding.logprobs import MAX_LOGPROBS
 from blockdiff.sampling import InvalidParameter, SamplingParams
 from blockdiff.server.config import ServerConfig
@@ -21,18 +22,55 @@ class Prepared:
     echo_text: str | None = None  # completions with echo: the prompt's text, sent before the output
 
 
-GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# vLLM's guided_* fields -> the StructuredOutputs field each sets
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+STRUCTURED_KEYS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+def structured_outputs(req: CommonRequest) -> StructuredOutputs | None:
+    """The grammar a request asks its output to follow: OpenAI's response_format (json_object,
+    json_schema), vLLM's guided_* fields or its structured_outputs object; at most one of them.
+    A 400 names the field that is wrong."""
+    given: dict[str, dict] = {}
+    if req.response_format is not None:
+        kind = req.response_format.get("type")
+        if kind == "json_object":
+            given["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            spec = req.response_format.get("json_schema")
+            if not isinstance(spec, dict) or "schema" not in spec:
+                raise APIError(400, "response_format json_schema needs json_schema: {name, schema}",
+                               "response_format", "invalid_value")
+            given["response_format"] = {"json": spec["schema"]}
+        elif kind != "text":
+            raise APIError(400, f"response_format type {kind!r} is not supported; allowed: text, json_object, "
+                           f"json_schema", "response_format", "invalid_value")
+    for name, key in GUIDED_FIELDS.items():
+        if getattr(req, name) is not None:
+            given[name] = {key: getattr(req, name)}
+    if req.structured_outputs is not None:
+        spec = req.structured_outputs
+        unknown = sorted(set(spec) - set(STRUCTURED_KEYS)) if isinstance(spec, dict) else None
+        if unknown is None or unknown:
+            raise APIError(400, f"structured_outputs must be an object with one of {', '.join(STRUCTURED_KEYS)}"
+                           + (f"; {unknown} are not supported" if unknown else ""), "structured_outputs",
+                           "invalid_value")
+        given["structured_outputs"] = spec
+    if len(given) > 1:
+        first, second = list(given)[:2]
+        raise APIError(400, f"{second} and {first} both constrain the output; send one", second, "invalid_value")
+    if not given:
+        return None
+    (name, spec), = given.items()
+    try:
+        return StructuredOutputs(**spec)
+    except GrammarError as e:
+        raise APIError(400, f"{name}: {e}", name, "invalid_value") from None
 
 
 def _refuse_contract_changes(req: CommonRequest) -> None:
-    """Fields that would change what the answer may be and that blockdiff cannot honour yet:
-    a 400 naming each, never a plain-text answer the client did not ask for."""
-    if req.response_format is not None and req.response_format.get("type") != "text":
-        raise APIError(400, f"response_format {req.response_format.get('type')!r} is not supported: blockdiff "
-                       f"has no structured output yet; only {{'type': 'text'}}", "response_format", "unsupported")
-    for name in GUIDED_FIELDS:
-        if getattr(req, name) is not None:
-            raise APIError(400, f"{name} is not supported: blockdiff has no structured output yet", name, "unsupported")
+    """Fields that would change what the answer may be and that blockdiff cannot honour:
+    a 400 naming each, never an answer the client did not ask for."""
     if req.logit_bias:
         raise APIError(400, "logit_bias is not supported", "logit_bias", "unsupported")
     if isinstance(req, ChatRequest):
@@ -92,7 +130,8 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
             min_p=req.min_p or 0.0, block_length=cfg.block_length if req.block_length is None else req.block_length,
             threshold=cfg.threshold if req.threshold is None else req.threshold,
             stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            seed=req.seed, min_tokens=req.min_tokens, **logprob_params(req, max_tokens))
+            seed=req.seed, min_tokens=req.min_tokens, structured_outputs=structured_outputs(req),
+            **logprob_params(req, max_tokens))
     except InvalidParameter as e:
         raise from_invalid_parameter(e) from None
     if params.mode == "quad_spec" and params.block_length > cfg.max_quad_block_length:

@@ -49,14 +49,14 @@ class CommonRequest(BaseModel):
     block_length: int | None = None
     threshold: Number | None = None
     return_steps: bool = False  # stream step events too (server/steps.py); needs stream: true
-    # fields that change what the answer may be; not supported yet, so refused when set
+    # structured output (server/prepare.py:structured_outputs): at most one of these
     response_format: dict[str, Any] | None = None
-    logit_bias: dict[str, Any] | None = None
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    logit_bias: dict[str, Any] | None = None  # not supported: refused when non-empty
 
     @property
     def include_usage(self) -> bool:
