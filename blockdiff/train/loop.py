@@ -6,6 +6,7 @@ final/ (an HF/NLD checkpoint directory for target full, a PEFT adapter for targe
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 
@@ -60,6 +61,18 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     d = D.init(cfg.run.device)
+    final = _run(cfg, d, resume, start, log)
+    # FSDP's hooks keep the sharded modules, and through them the process group, in reference
+    # cycles; collect them now, or gloo's worker threads are torn down at interpreter exit,
+    # which can abort the process ("terminate called without an active exception")
+    gc.collect()
+    D.barrier(d)
+    D.shutdown(d)
+    return final
+
+
+def _run(cfg: TrainConfig, d: D.Dist, resume: str | None, start: str | None, log) -> str:
+    run_dir = cfg.run.out_dir
     os.makedirs(run_dir, exist_ok=True)
     setup = build(cfg)
     model = setup.model.to(d.device)
@@ -143,10 +156,7 @@ def train(cfg: TrainConfig, resume: str | None = None, log=print) -> str:
     if step < cfg.optim.max_steps and d.main:
         log(f"run.max_minutes ({cfg.run.max_minutes:g}) reached at step {step} of {cfg.optim.max_steps}: "
             f"saved and exporting; --resume continues the schedule")
-    final = export_final(cfg, objective, setup, names, sharded, d)
-    D.barrier(d)
-    D.shutdown(d)
-    return final
+    return export_final(cfg, objective, setup, names, sharded, d)
 
 
 def _past(deadline: float | None, d: D.Dist) -> bool:
