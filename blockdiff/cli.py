@@ -9,6 +9,7 @@ import json
 import sys
 
 from blockdiff.model.dtype import DTYPE_CHOICES
+from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
 from blockdiff.sampling import DECODING_MODES, MODES, SamplingParams
 
 
@@ -18,6 +19,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+                   help=QUANTIZATION_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -73,7 +76,8 @@ def _run(llm, args, mode: str):
 def cmd_generate(args) -> None:
     from blockdiff.engine.llm import LLM
     _params(args, args.mode)  # bad values fail before the model loads
-    out = _run(LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter), args, args.mode)
+    out = _run(LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
+              quantization=args.quantization), args, args.mode)
     if args.json:
         print(json.dumps(out.to_dict()))
         return
@@ -94,7 +98,8 @@ def cmd_compare(args) -> None:
     modes = [m.strip() for m in args.modes.split(",")]
     for mode in modes:
         _params(args, mode)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
+              quantization=args.quantization)
     llm.generate(args.prompt, max_new_tokens=2, use_tqdm=False)  # one-time kernel set-up is not decoding speed
     outs = {mode: _run(llm, args, mode) for mode in modes}
     reference = outs.get("ar")

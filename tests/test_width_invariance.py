@@ -14,25 +14,27 @@ from blockdiff import LLM, SamplingParams
 from blockdiff.model.attention import grouped_attention, key_bias
 from blockdiff.model.dtype import native_bf16
 from blockdiff.model.kv_cache import KVCache, aligned
-from blockdiff.model.lora import linear, pack_for_cpu
+from blockdiff.model.lora import inference_weight, linear
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
 
 
-@pytest.fixture(scope="module")
-def native_llm():
-    """The default model in its default dtype for this machine (bf16 where native)."""
-    return LLM()
+@pytest.fixture(scope="module", params=["none", "int4"])
+def native_llm(request):
+    """The default model in its default dtype for this machine (bf16 where native), as it is
+    and quantized to int4."""
+    return LLM(quantization=request.param)
 
 
+@pytest.mark.parametrize("quantization", ["none", "int4"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
 @torch.inference_mode()
-def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out):
+def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out, quantization):
     torch.manual_seed(0)
     weight = (torch.randn(fan_out, fan_in) * fan_in ** -0.5).to(dtype)
-    packed = pack_for_cpu(weight)
+    packed = inference_weight(weight, quantization)
     x = torch.randn(320, fan_in).to(dtype)
     alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(320)])  # one forward per row
     # every width up to a batch of 16 quad_spec steps at L=4 (16 x 20 rows): on an AMX Xeon

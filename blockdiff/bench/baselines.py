@@ -92,3 +92,36 @@ def run_prompt_lookup(model, llm, prompts: list[list[int]], max_new_tokens: int,
         wall += time.perf_counter() - start
         samples.append(Sample(_cut_at_eos(out[0, len(p):].tolist(), eos)))  # (1, P + new) -> new tokens
     return Run(samples, wall)
+
+
+def llama_cpp_model(llm, threads: int):
+    """llama.cpp (the `llama-cpp-python` binding) on the GGUF the model was loaded from, or a
+    sentence saying why it cannot run: it is an optional extra (pip install -e '.[llama]',
+    which builds llama.cpp from the sdist's sources) and reads GGUF files only."""
+    if not str(llm.model_path).endswith(".gguf"):
+        return None, f"llama.cpp baseline skipped: {llm.model_path} is not a GGUF file"
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None, "llama.cpp baseline skipped: llama-cpp-python is not installed (pip install -e '.[llama]')"
+    model = Llama(model_path=str(llm.model_path), n_ctx=llm.max_context, n_threads=threads,
+                  n_threads_batch=threads, verbose=False)
+    return model, None
+
+
+def run_llama_cpp(model, llm, prompts: list[list[int]], max_new_tokens: int) -> Run:
+    """Greedy decoding by llama.cpp, one prompt at a time (the binding decodes one sequence),
+    from an empty cache each time: no prompt prefix is reused across prompts."""
+    eos = set(llm.tokenizer.eos_token_ids)
+    samples, wall = [], 0.0
+    for p in prompts:
+        model.reset()
+        start = time.perf_counter()
+        out: list[int] = []
+        for token in model.generate(p, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
+            out.append(int(token))
+            if token in eos or len(out) == max_new_tokens:
+                break
+        wall += time.perf_counter() - start
+        samples.append(Sample(out))
+    return Run(samples, wall)

@@ -7,6 +7,7 @@ import sys
 from blockdiff import sampling
 from blockdiff.bench.settings import BenchSettings
 from blockdiff.model.dtype import DTYPE_CHOICES
+from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
 
 
 def _list_of(kind, name: str):
@@ -34,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     # MODES is read when the parser is built, so a mode added to blockdiff.sampling shows up here
     p.add_argument("--modes", type=_list_of(str, "--modes"), default=list(sampling.MODES),
@@ -54,12 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-lookup-tokens", type=int, default=d.prompt_lookup_tokens,
                    help="draft length of transformers' prompt-lookup baseline")
     p.add_argument("--no-hf", action="store_true", help="skip transformers' baselines")
+    p.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp baseline")
 
 
 def settings_from_args(args) -> BenchSettings:
     fields = BenchSettings.__dataclass_fields__
     settings = BenchSettings(**{k: v for k, v in vars(args).items() if k in fields})
     settings.hf_baselines = not args.no_hf
+    settings.llama_cpp = not args.no_llama_cpp
     settings.validate()  # bad values fail before the model loads
     return settings
 

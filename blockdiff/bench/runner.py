@@ -8,7 +8,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blockdiff.bench.baselines import hf_model, run_generate, run_prompt_lookup, sync_device
+import torch
+
+from blockdiff.bench.baselines import (hf_model, llama_cpp_model, run_generate, run_llama_cpp, run_prompt_lookup,
+                                       sync_device)
 from blockdiff.bench.prompts import encode_prompts, load_prompts
 from blockdiff.bench.quality import score_samples
 from blockdiff.bench.report import environment, model_info
@@ -42,7 +45,8 @@ class _Job:
 
 def load_llm(settings: BenchSettings):
     from blockdiff.engine.llm import LLM
-    return LLM(settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter)
+    return LLM(settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter,
+               quantization=settings.quantization)
 
 
 def time_blockdiff(llm, prompts: list[list[int]], params, batch_size: int) -> Run:
@@ -59,7 +63,7 @@ def time_blockdiff(llm, prompts: list[list[int]], params, batch_size: int) -> Ru
     return Run(samples, wall)
 
 
-def _jobs(llm, settings: BenchSettings, prompts: list[list[int]]) -> list[_Job]:
+def _jobs(llm, settings: BenchSettings, prompts: list[list[int]], log: Callable[[str], None]) -> list[_Job]:
     jobs, warmed = [], set()
     for config in settings.run_configs():
         params = settings.params(config)
@@ -79,6 +83,14 @@ def _jobs(llm, settings: BenchSettings, prompts: list[list[int]]) -> list[_Job]:
                              lambda b=b: run_generate(hf, llm, prompts, n, b)))
         jobs.append(_Job(f"hf prompt lookup {settings.prompt_lookup_tokens}", "baseline", 1, None,
                          lambda: run_prompt_lookup(hf, llm, prompts, n, settings.prompt_lookup_tokens)))
+    if settings.llama_cpp:
+        model, skipped = llama_cpp_model(llm, torch.get_num_threads())
+        if skipped:
+            log(skipped)
+        else:
+            run_llama_cpp(model, llm, prompts[:1], 4)  # warm-up, as above
+            jobs.append(_Job("llama.cpp", "baseline", 1, None,
+                             lambda: run_llama_cpp(model, llm, prompts, settings.max_new_tokens)))
     return jobs
 
 
@@ -88,7 +100,7 @@ def run_bench(settings: BenchSettings, llm=None, log: Callable[[str], None] | No
     log = log or (lambda msg: None)
     llm = llm or load_llm(settings)
     prompts = encode_prompts(llm, load_prompts(settings.prompt_set, settings.num_prompts))
-    jobs = _jobs(llm, settings, prompts)
+    jobs = _jobs(llm, settings, prompts, log)
     # Round-robin repeats spread the machine's noise over every job; each keeps its fastest run.
     best: dict[str, Run] = {}
     for rep in range(settings.repeats):

@@ -35,6 +35,7 @@ class BenchSettings:
     model: str | None = None
     adapter: str | None = None
     dtype: str = "auto"
+    quantization: str = "none"
     device: str = "cpu"
     prompt_set: str = "chat"
     num_prompts: int | None = None
@@ -48,6 +49,7 @@ class BenchSettings:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
     repeats: int = 1
     hf_baselines: bool = True
+    llama_cpp: bool = True  # llama.cpp on the same GGUF, when llama-cpp-python is installed
     prompt_lookup_tokens: int = 10
 
     def run_configs(self) -> list[RunConfig]:

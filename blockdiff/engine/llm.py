@@ -41,7 +41,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
-                 auto_modes: tuple[str, ...] = ("ar", "linear_spec")):
+                 auto_modes: tuple[str, ...] = ("ar", "linear_spec"), quantization: str = "none"):
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
         torch_dtype = resolve_dtype(dtype, device)
@@ -61,7 +61,7 @@ class LLM:
         self.adapter = adapter or source.adapter
         if self.adapter:
             load_adapter(self.model, self.adapter)
-        self.model.prepare_for_inference()
+        self.model.prepare_for_inference(quantization)
         self.model_path = source.path
         self.max_batch_size = max_batch_size
         # learns from every decode step, whatever its mode; spec modes need a mask token

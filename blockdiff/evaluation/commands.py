@@ -8,6 +8,7 @@ from pathlib import Path
 
 from blockdiff.sampling import MODES
 from blockdiff.model.dtype import DTYPE_CHOICES, dtype_name
+from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
 
 DEFAULT_MODES = "ar,diffusion,linear_spec,quad_spec"
 
@@ -19,6 +20,7 @@ def register(subparsers) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
+    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--tasks", default="code,qa", help="task kinds: code, qa")
     p.add_argument("--modes", default=DEFAULT_MODES, help=f"any of: {', '.join(MODES)}")
@@ -65,7 +67,7 @@ def cmd_eval(args) -> None:
 
     from blockdiff.engine.llm import LLM
     model = None if args.model in (None, "default") else args.model
-    llm = LLM(model, dtype=args.dtype, device=args.device, adapter=args.adapter)
+    llm = LLM(model, dtype=args.dtype, device=args.device, adapter=args.adapter, quantization=args.quantization)
     llm.generate("def f(x):", max_new_tokens=2, use_tqdm=False)  # one-time kernel set-up is not decoding time
     limits = SandboxLimits(timeout_s=args.timeout)
     show_bar = sys.stderr.isatty()

@@ -10,6 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdiff.model.quantize import Int4Weight, quantize_int4, supports_int4
+
+# what a linear multiplies by at inference: oneDNN's packed copy, int4 codes, or the plain weight
+InferenceWeight = torch.Tensor | Int4Weight | None
+
 
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
     """oneDNN's blocked layout of a bf16 or float32 CPU weight, or None where it does not apply.
@@ -30,11 +35,19 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def inference_weight(weight: torch.Tensor, quantization: str = "none") -> InferenceWeight:
+    """The copy of `weight` inference multiplies by: int4 codes (model/quantize.py) when asked
+    for and the shape allows, else oneDNN's packed layout where it applies, else None."""
+    if quantization == "int4" and supports_int4(weight):
+        return quantize_int4(weight)
+    return pack_for_cpu(weight)
+
+
 # the widest product computed in one call; wider inputs run as chunks of this many rows
 MAX_PRODUCT_ROWS = 128
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight) -> torch.Tensor:
     """x @ weight.T through the packed copy when there is one, each row summed in the same
     order whatever the number of rows.
 
@@ -55,8 +68,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | 
     return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
-def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: torch.Tensor | None) -> torch.Tensor:
-    """(n, in) -> (n, out); one row is computed as two."""
+def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight) -> torch.Tensor:
+    """(n, in) -> (n, out); one row is computed as two, except by the int4 kernel, which
+    computes every row on its own."""
+    if isinstance(packed, Int4Weight):
+        return packed(rows)
     n = rows.shape[0]
     if n == 1:
         rows = rows.expand(2, -1)  # (2, in)
@@ -70,10 +86,10 @@ class AdaptableLinear(nn.Linear):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.lora_scale = 0.0
-        self.packed: torch.Tensor | None = None  # inference-only copy of weight; see pack_for_cpu
+        self.packed: InferenceWeight = None  # inference-only copy of weight; see inference_weight
 
-    def pack(self) -> None:
-        self.packed = pack_for_cpu(self.weight)
+    def pack(self, quantization: str = "none") -> None:
+        self.packed = inference_weight(self.weight, quantization)
 
     def attach_lora(self, rank: int, alpha: float, A: torch.Tensor | None = None, B: torch.Tensor | None = None):
         """A: (rank, in), B: (out, rank); fresh B is zero so a new adapter starts as a no-op."""
@@ -105,10 +121,10 @@ class FusedLinear:
     part's adapter, attached before or after, still adds to its own output columns only.
     """
 
-    def __init__(self, parts: list[AdaptableLinear]):
+    def __init__(self, parts: list[AdaptableLinear], quantization: str = "none"):
         self.parts = parts
         self.weight = torch.cat([p.weight.detach() for p in parts])  # (sum of outs, in)
-        self.packed = pack_for_cpu(self.weight)
+        self.packed = inference_weight(self.weight, quantization)
         if self.packed is not None:
             self.weight = None  # the packed copy is the only one used
         ends = torch.tensor([p.out_features for p in parts]).cumsum(0).tolist()

@@ -13,7 +13,8 @@ from blockdiff.config import ModelConfig
 from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern
 from blockdiff.model.kv_cache import KVCache
-from blockdiff.model.lora import AdaptableLinear, FusedLinear, linear, pack_for_cpu
+from blockdiff.model.lora import AdaptableLinear, FusedLinear, InferenceWeight, inference_weight, linear
+from blockdiff.model.quantize import QUANTIZATIONS
 from blockdiff.model.rope import Rotary, apply_rotary
 from blockdiff.model.sampler_head import SamplerHead
 
@@ -107,20 +108,27 @@ class Transformer(nn.Module):
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config.rope, config.head_dim)
-        self._packed_head: torch.Tensor | None = None
+        self._packed_head: InferenceWeight = None
+        self.quantization = "none"
         self.sampler_head: SamplerHead | None = None  # part of a draft adapter (model/sampler_head.py)
 
-    def prepare_for_inference(self) -> None:
-        """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN.
-        Call again after changing weights; training must not use it (the fused and packed
-        copies do not follow the parameters)."""
+    def prepare_for_inference(self, quantization: str = "none") -> None:
+        """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
+        or, with quantization "int4", quantize every product's weight, the output head's too
+        (model/quantize.py). Call again after changing weights; training must not use it (the
+        fused and packed copies do not follow the parameters)."""
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
+        if quantization != "none" and self.device.type != "cpu":
+            raise ValueError(f"quantization {quantization!r} runs on the CPU only (ATen's CPU kernel)")
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj])
-            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj])
-            attn.o_proj.pack()
-            mlp.down_proj.pack()
-        self._packed_head = pack_for_cpu(self.head_weight)
+            attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], quantization)
+            mlp.gate_up = FusedLinear([mlp.gate_proj, mlp.up_proj], quantization)
+            attn.o_proj.pack(quantization)
+            mlp.down_proj.pack(quantization)
+        self._packed_head = inference_weight(self.head_weight, quantization)
+        self.quantization = quantization
 
     @property
     def dtype(self) -> torch.dtype:

@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from blockdiff.model.dtype import DTYPE_CHOICES
+from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
 from blockdiff.sampling import MODES
 from blockdiff.server.config import ServerConfig
 
@@ -19,6 +20,8 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+                   help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device)
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="decoding mode for requests that set none")
@@ -62,7 +65,7 @@ def cmd_serve(args) -> None:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
-              auto_modes=tuple(config.auto_modes.split(",")))
+              auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization)
     app = build_app(llm, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout_s)

@@ -11,6 +11,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     dtype: str = "auto"
+    quantization: str = "none"  # model/quantize.py
     device: str = "cpu"
     adapter: str | None = None
     # defaults for requests that do not set them

@@ -1,0 +1,63 @@
+"""Weight-only int4 (model/quantize.py): the codes reproduce Q4_1-shaped weights exactly,
+round to nearest otherwise, and a quantized model decodes the same tokens in every lossless
+mode (row independence: tests/test_width_invariance.py)."""
+import pytest
+import torch
+
+from blockdiff import LLM
+from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_int4
+from helpers import attach_random_draft_adapter, run, tiny_model
+
+
+def test_q4_1_weights_come_back_exactly():
+    """GGUF's Q4_1 is w = q * d + m per group of 32, its codes spanning 0..15: re-quantized,
+    such a weight keeps its codes, so the kernel multiplies by the model's own weights."""
+    torch.manual_seed(0)
+    out, groups = 48, 6
+    codes = torch.randint(0, 16, (out, groups, GROUP_SIZE))
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans the whole code range, as Q4_1 makes it
+    d = torch.rand(out, groups, 1) * 0.01 + 1e-3
+    m = torch.randn(out, groups, 1) * 0.05
+    weight = (codes * d + m).reshape(out, groups * GROUP_SIZE)  # float32
+    back = dequantize_int4(quantize_int4(weight), groups * GROUP_SIZE)
+    assert torch.allclose(back, weight, rtol=0, atol=1e-6)
+
+
+def test_rounding_is_to_the_nearest_code():
+    torch.manual_seed(1)
+    weight = torch.randn(48, 4 * GROUP_SIZE)
+    groups = weight.reshape(48, 4, GROUP_SIZE)
+    step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None]  # (48, 4, 1)
+    error = (dequantize_int4(quantize_int4(weight), 4 * GROUP_SIZE) - weight).reshape(48, 4, GROUP_SIZE).abs()
+    assert bool((error <= step / 2 + 1e-6).all())
+
+
+def test_shapes_the_kernel_cannot_take_are_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quantize_int4(torch.randn(16, 33))
+    with pytest.raises(ValueError, match="multiple of 16"):
+        quantize_int4(torch.randn(8, 32))
+    with pytest.raises(ValueError, match="unknown quantization"):
+        tiny_model().prepare_for_inference("int3")
+
+
+@pytest.mark.parametrize("mode,block", [("linear_spec", 4), ("quad_spec", 3)])
+def test_quantized_spec_modes_equal_quantized_ar(mode, block):
+    model = attach_random_draft_adapter(tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128))
+    model.prepare_for_inference("int4")
+    prompts = [[1, 2, 3, 4, 5], [7], [3] * 13, [9, 8]]
+    ar = [s.output_ids for s in run(model, prompts, max_new_tokens=24, ignore_eos=True, mode="ar")]
+    spec = [s.output_ids for s in run(model, prompts, max_new_tokens=24, ignore_eos=True, mode=mode,
+                                      block_length=block)]
+    assert spec == ar
+
+
+def test_llm_quantizes_every_product(tiny_dir):
+    llm = LLM(tiny_dir, dtype="float32", quantization="int4")
+    layer = llm.model.layers[0]
+    assert type(layer.mlp.down_proj.packed).__name__ == "Int4Weight"
+    assert type(layer.self_attn.qkv.packed).__name__ == "Int4Weight"
+    plain = LLM(tiny_dir, dtype="float32")
+    a = llm.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
+    b = plain.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
+    assert len(a.token_ids) == len(b.token_ids) == 8  # runs; its tokens may differ from the float model's
