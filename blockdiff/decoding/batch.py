@@ -100,8 +100,16 @@ class DecodeBatch:
         drafts (B, K) and probabilities as `pick_tokens` gives them. Greedy rows draft through
         the model's sampler head where it has one (each slot's pick conditioned on the pick
         before it); sampled rows draw from the pass's own distribution, which their
-        acceptance test needs. Drafts only propose: the verifier decides what is emitted."""
+        acceptance test needs. Greedy rows under a grammar have forbidden drafts replaced
+        (decoding/grammar.py). Drafts only propose: the verifier decides what is emitted."""
         logits = self.model.logits(hidden)  # (B, K, V)
+        drafts, probs = self._draft_picks(hidden, logits)
+        for row, seq in enumerate(self.seqs):
+            if seq.grammar is not None and seq.params.greedy:
+                drafts[row] = torch.tensor(seq.grammar.repair(drafts[row].tolist(), logits[row]))
+        return drafts, probs
+
+    def _draft_picks(self, hidden: torch.Tensor, logits: torch.Tensor):
         head = self.model.sampler_head
         greedy = [row for row, seq in enumerate(self.seqs) if seq.params.greedy]
         if head is None or not greedy:

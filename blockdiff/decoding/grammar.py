@@ -3,12 +3,15 @@
 A request's `StructuredOutputs` (a JSON schema, any JSON object, a regex, a choice of strings
 or a Lark / GBNF grammar) compiles to one llguidance grammar, and each of its sequences gets a
 `Grammar`: a matcher that follows the sequence's emitted tokens. Decoders constrain the
-logits that pick tokens, never the drafts (a draft only proposes):
+logits that pick tokens:
 - every pick of one next token (ar, and each mode's first token) takes the current mask;
 - the spec modes verify through `path_masks`: the mask of slot i is the grammar's state after
   drafts 0..i-1. A draft the grammar forbids has probability 0 under its masked target, so
   verification rejects it, and the accepted drafts and the bonus token are what ar would emit
   under the same grammar (greedy), or follow the masked AR distribution (sampling).
+- greedy drafts are repaired (`repair`): a draft the grammar forbids becomes the draft pass's
+  best allowed token, so drafts are not wasted on what verification must reject. This only
+  changes proposals; what is emitted is decided as above.
 Log-probabilities stay the raw model's (vLLM's default, "raw_logprobs"). A sequence ends
 ("stop") when its grammar is complete and nothing may follow it.
 """
@@ -134,6 +137,24 @@ class Grammar:
         words = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.int32)  # (>= V/32,)
         bits = (words[:, None] >> self._bits) & 1  # (words, 32): bit j of word w is token 32w + j
         return bits.reshape(-1)[:self.vocab_size].bool()  # (V,)
+
+    def repair(self, drafts: list[int], logits: torch.Tensor) -> list[int]:
+        """Greedy drafts (K,) with their (K, V) draft logits -> drafts the grammar allows: each
+        forbidden one is replaced by the best allowed token of its slot, and the walk goes on
+        from it. Stops changing drafts where the grammar is complete. The matcher ends where
+        it started."""
+        repaired, walked = list(drafts), 0
+        for i, token in enumerate(drafts):
+            if self.complete:
+                break
+            allowed = self.allowed()
+            if not allowed[token]:
+                repaired[i] = token = int(logits[i].masked_fill(~allowed.to(logits.device), float("-inf")).argmax())
+            self.consume(token)
+            walked += 1
+        if walked:
+            self.matcher.rollback(walked)
+        return repaired
 
     def path_masks(self, drafts: list[int]) -> torch.Tensor:
         """(K+1, V) masks along K drafts: row i is the mask after drafts[:i]. From the first
