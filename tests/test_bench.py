@@ -186,3 +186,20 @@ def test_cli_bad_mode_is_one_line(capsys):
     assert main(["bench", "--modes", "ar,nope", "--model", "/nonexistent"]) == 2  # fails before loading
     err = capsys.readouterr().err
     assert "unknown mode(s) nope" in err and "Traceback" not in err
+
+
+def test_llama_cpp_baseline_says_why_it_is_skipped(llm, gguf_path):
+    """llama.cpp reads GGUF files only, and is an optional extra."""
+    from blockdiff.bench.baselines import llama_cpp_model
+    model, skipped = llama_cpp_model(llm, 1)
+    assert model is None and "is not a GGUF file" in skipped
+
+    class GGUFModel:  # the check reads only the path
+        model_path, max_context = gguf_path, 256
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        model, skipped = llama_cpp_model(GGUFModel(), 1)
+        assert model is None and "pip install -e '.[llama]'" in skipped
+    else:
+        pytest.skip("llama-cpp-python is installed here; the bench runs it (benchmarks/RESULTS.md)")

@@ -35,14 +35,17 @@ def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out, quan
     torch.manual_seed(0)
     weight = (torch.randn(fan_out, fan_in) * fan_in ** -0.5).to(dtype)
     packed = inference_weight(weight, quantization)
-    x = torch.randn(320, fan_in).to(dtype)
-    alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(320)])  # one forward per row
     # every width up to a batch of 16 quad_spec steps at L=4 (16 x 20 rows): on an AMX Xeon
-    # oneDNN sums down_proj's rows in another order at some widths between 150 and 256
-    differing = [n for n in range(2, 321) if not torch.equal(linear(x[:n], weight, packed), alone[:n])]
+    # oneDNN sums down_proj's rows in another order at some widths between 150 and 256. The
+    # int4 kernel computes each row apart at a cost that grows with the rows: a sample there.
+    n = 320 if quantization == "none" else 130
+    widths = range(2, n + 1) if quantization == "none" else [*range(2, 18), 33, 64, 129, 130]
+    x = torch.randn(n, fan_in).to(dtype)
+    alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(n)])  # one forward per row
+    differing = [w for w in widths if not torch.equal(linear(x[:w], weight, packed), alone[:w])]
     assert differing == []
-    batched = linear(x.view(4, 80, fan_in), weight, packed)  # (B, T, in) as the model calls it
-    assert torch.equal(batched.view(320, fan_out), alone)
+    batched = linear(x.view(2, n // 2, fan_in), weight, packed)  # (B, T, in) as the model calls it
+    assert torch.equal(batched.view(n, fan_out), alone)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -107,6 +110,8 @@ def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
 def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
     """End to end, batched (ragged rows) and one prompt at a time: the same tokens and the
     same log-probabilities, bit for bit."""
+    if native_llm.model.quantization == "int4" and (mode, block) != ("linear_spec", 8):
+        pytest.skip("int4's kernel slows wide forwards: L=8 here, quad_spec in tests/test_quantize.py")
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
                "List three prime numbers:"]
     params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)

@@ -101,11 +101,25 @@ def llama_cpp_model(llm, threads: int):
     if not str(llm.model_path).endswith(".gguf"):
         return None, f"llama.cpp baseline skipped: {llm.model_path} is not a GGUF file"
     try:
+        import llama_cpp.llama_cpp as bindings
         from llama_cpp import Llama
     except ImportError:
         return None, "llama.cpp baseline skipped: llama-cpp-python is not installed (pip install -e '.[llama]')"
-    model = Llama(model_path=str(llm.model_path), n_ctx=llm.max_context, n_threads=threads,
-                  n_threads_batch=threads, verbose=False)
+    # Off: ggml's extra buffer types (weight repacking; for Q4_1 on x86 that is its AMX kernel),
+    # which the binding does not expose: built natively on an AMX Xeon, llama.cpp 0.3.36
+    # segfaulted in ggml_backend_amx_mul_mat on the first decode.
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    bindings.llama_model_default_params = without_extra_buffers
+    try:
+        model = Llama(model_path=str(llm.model_path), n_ctx=llm.max_context, n_threads=threads,
+                      n_threads_batch=threads, verbose=False)
+    finally:
+        bindings.llama_model_default_params = defaults
     return model, None
 
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import llguidance
-from llguidance.gbnf_to_lark import gbnf_to_lark
 import torch
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 if TYPE_CHECKING:
     from blockdiff.tokenizer import Tokenizer
