@@ -110,8 +110,8 @@ def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
 def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
     """End to end, batched (ragged rows) and one prompt at a time: the same tokens and the
     same log-probabilities, bit for bit."""
-    if native_llm.model.quantization == "int4" and (mode, block) != ("linear_spec", 8):
-        pytest.skip("int4's kernel slows wide forwards: L=8 here, quad_spec in tests/test_quantize.py")
+    if native_llm.model.quantization == "int4":
+        pytest.skip("int4's kernel slows wide forwards; tests/test_quantize.py decodes int4 end to end")
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
                "List three prime numbers:"]
     params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
