@@ -120,7 +120,9 @@ def logprob_params(req: CommonRequest, max_tokens: int) -> dict:
     return {"logprobs": req.logprobs, "prompt_logprobs": prompt}
 
 
-def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode: str) -> SamplingParams:
+def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode: str,
+                    structured: StructuredOutputs | None) -> SamplingParams:
+    """`structured` is `structured_outputs(req)`, compiled once per request."""
     top_k = req.top_k if req.top_k is not None else 0
     try:
         params = SamplingParams(
@@ -130,7 +132,7 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
             min_p=req.min_p or 0.0, block_length=cfg.block_length if req.block_length is None else req.block_length,
             threshold=cfg.threshold if req.threshold is None else req.threshold,
             stop=req.stop_list(), stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-            seed=req.seed, min_tokens=req.min_tokens, structured_outputs=structured_outputs(req),
+            seed=req.seed, min_tokens=req.min_tokens, structured_outputs=structured,
             **logprob_params(req, max_tokens))
     except InvalidParameter as e:
         raise from_invalid_parameter(e) from None
@@ -188,6 +190,7 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
                        "unsupported")
     mode = _mode(req, cfg, llm, infill)
     suffix_ids = llm.tokenizer.encode(req.suffix) if infill else None
+    structured = structured_outputs(req)
     out = []
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -198,7 +201,7 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
         max_tokens = _fit(llm, ids, req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
                           len(suffix_ids or []))
         echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else None
-        out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode), suffix_ids, echo_text))
+        out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured), suffix_ids, echo_text))
     check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
     return out
 
@@ -229,4 +232,4 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = _fit(llm, ids, req, requested, None, "messages")
     check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
-    return Prepared(ids, sampling_params(req, cfg, max_tokens, mode))
+    return Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured_outputs(req)))
