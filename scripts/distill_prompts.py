@@ -8,7 +8,11 @@ Sources, mixed and shuffled with a fixed seed so any prefix is a fair sample:
 - functions of the Python standard library with a docstring ("write a function that ...");
 - short sayings from Debian's fortunes ("what does this saying mean");
 - optionally (--api) the functions and methods the library reference documents, one
-  question each: the larger set for a GPU run (data/distill-prompts-large.jsonl).
+  question each: the larger set for a GPU run (data/distill-prompts-large.jsonl);
+- optionally (--wordnet-dir) everyday things from WordNet (Debian wordnet-base): animals,
+  plants, foods, objects, artifacts, phenomena, processes and events that the tagged corpus
+  uses, each with a question shaped like a chat request ("How does a kettle work?",
+  "What causes frost?"), for topics far beyond the hand-written list.
 The prompts of benchmarks/ and the evaluation task set are held out: any prompt that names
 one of their topics is dropped, so measured acceptance is on prompts never trained on.
 """
@@ -136,6 +140,43 @@ def sayings(fortunes_dir: Path, limit: int) -> list[str]:
     return random.Random(2).sample(quotes, min(limit, len(quotes)))
 
 
+# WordNet's lexicographer files (lex_filenum in data.noun) whose nouns make chat topics, with
+# the requests that fit them
+WORDNET_TEMPLATES = {
+    5: ["Give me three facts about the {}.", "Where does the {} live and what does it eat?", "Describe a {} to a child."],
+    6: ["How does a {} work?", "What is a {} used for?", "Write a short poem about a {}.", "Give me three tips for using a {}."],
+    13: ["Give me a short recipe that uses {}.", "Is {} healthy? Answer briefly.", "Where does {} come from?"],
+    17: ["Explain what {} is in two sentences.", "Write a haiku about {}."],
+    19: ["What causes {}?", "Explain {} in two sentences.", "Write a short paragraph about {}."],
+    20: ["How do I grow {}?", "Give me three facts about {}."],
+    22: ["Explain how {} works.", "Why does {} happen?"],
+    11: ["Describe {} in a short paragraph.", "Write a short story about {}."],
+    27: ["What is {} made of?", "What is {} used for?"],
+}
+
+
+def wordnet_topics(wordnet_dir: Path, limit: int) -> list[str]:
+    """Nouns whose most frequent sense falls in one of WORDNET_TEMPLATES' files and that the
+    tagged corpus (SemCor) uses at least once, each asked one of its file's requests."""
+    lex_file = {}
+    for line in (wordnet_dir / "data.noun").read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.startswith(" "):
+            offset, lex, *_ = line.split()
+            lex_file[offset] = int(lex)
+    prompts = []
+    for line in (wordnet_dir / "index.noun").read_text(encoding="utf-8", errors="replace").splitlines():
+        if line.startswith(" "):
+            continue
+        fields = line.split()  # lemma pos synset_cnt p_cnt [ptr x p_cnt] sense_cnt tagsense_cnt offsets...
+        lemma, pointers = fields[0], int(fields[3])
+        tagged, first_sense = int(fields[5 + pointers]), fields[6 + pointers]
+        templates = WORDNET_TEMPLATES.get(lex_file.get(first_sense, -1))
+        if templates and tagged >= 1 and re.fullmatch(r"[a-z]+(_[a-z]+)?", lemma):
+            topic = lemma.replace("_", " ")
+            prompts.append(templates[len(prompts) % len(templates)].format(topic))
+    return prompts if len(prompts) <= limit else random.Random(3).sample(prompts, limit)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--doc-dir", type=Path, help="python3.11-doc's html/_sources directory")
@@ -145,13 +186,19 @@ def main() -> None:
     p.add_argument("--stdlib-limit", type=int, default=400, help="at most this many stdlib-function prompts")
     p.add_argument("--sayings-limit", type=int, default=300, help="at most this many fortunes")
     p.add_argument("--api", action="store_true", help="add a question per documented function and method")
+    p.add_argument("--wordnet-dir", type=Path, help="wordnet-base's share/wordnet directory")
+    p.add_argument("--wordnet-limit", type=int, default=100000, help="at most this many WordNet prompts")
+    p.add_argument("--exclude", type=Path, nargs="*", default=[], help="prompt sets (jsonl) whose prompts to leave out")
     args = p.parse_args()
     prompts = templated() + stdlib_functions(args.stdlib_limit)
+    if args.wordnet_dir:
+        prompts += wordnet_topics(args.wordnet_dir, args.wordnet_limit)
     if args.doc_dir:
         prompts += library_titles(args.doc_dir) + (api_entries(args.doc_dir) if args.api else [])
     if args.fortunes_dir:
         prompts += sayings(args.fortunes_dir, args.sayings_limit)
-    prompts = sorted(set(p for p in prompts if not HELD_OUT.search(p)))
+    seen = {json.loads(line)["prompt"] for path in args.exclude for line in path.open(encoding="utf-8")}
+    prompts = sorted(set(p for p in prompts if not HELD_OUT.search(p) and p not in seen))
     random.Random(args.seed).shuffle(prompts)
     with open(args.out, "w", encoding="utf-8") as f:
         for prompt in prompts:
