@@ -132,28 +132,3 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.min_p > 0.0:
         probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
     return probs / probs.sum(-1, keepdim=True)
-
-
-def gumbel_argmax(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from (..., V) float64 probs with Gumbel noise in float64 (low precision hurts diffusion)."""
-    uniform = torch.rand(probs.shape, dtype=torch.float64, generator=generator, device=probs.device)
-    gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-300)))
-    return (probs.log() + gumbel).argmax(-1)
-
-
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           need_probs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Pick tokens for (T, V) logits of one sequence.
-
-    Returns (tokens (T,), confidence (T,) = probability of each pick, probs (T, V) or None).
-    At temperature 0 the pick is the argmax and confidence its softmax probability.
-    """
-    if params.greedy:
-        tokens = logits.argmax(-1)
-        if not need_probs:
-            return tokens, None, None
-        probs = torch.softmax(logits.float(), dim=-1)
-        return tokens, probs.gather(-1, tokens[..., None])[..., 0], probs
-    probs = probabilities(logits, params)
-    tokens = gumbel_argmax(probs, generator)
-    return tokens, probs.gather(-1, tokens[..., None])[..., 0], probs

@@ -10,7 +10,7 @@ from blockdiff.engine.sequence import Sequence
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.sampler_head import SamplerHead
-from blockdiff.sampling import SamplingParams
+from blockdiff.sampling import SamplingParams, probabilities
 from blockdiff.train.objective import ObjectiveConfig, ObjectiveModule, add_noise
 from helpers import attach_random_draft_adapter, run, tiny_model
 
@@ -96,7 +96,7 @@ def test_sampled_rows_draft_from_the_pass_and_greedy_rows_through_the_head():
     head_drafts = model.sampler_head.greedy_drafts(hidden[:1], logits[:1], torch.tensor([5]),
                                                    model.embed_tokens, model.head_weight)
     assert torch.equal(drafts[0], head_drafts[0])
-    assert probs[0] is None and probs[1].shape == (3, 24)  # the sampled row's own distribution
+    assert torch.equal(probs[1], probabilities(logits[1:], seqs[1].params)[0])  # the sampled row's own distribution
 
 
 def test_training_reaches_the_head_and_its_loss_adds_to_the_pass():

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
+from blockdiff.decoding.sampler import pick
 from blockdiff.decoding.verify import accept
-from blockdiff.sampling import InvalidParameter, SamplingParams, probabilities, sample
+from blockdiff.sampling import InvalidParameter, SamplingParams, probabilities
 
 
 @pytest.mark.parametrize("kwargs,param", [
@@ -39,9 +40,9 @@ def test_filters_keep_the_right_tokens():
 
 
 def test_gumbel_sampling_follows_the_distribution():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(20000, 3)
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(1, 20000, 3)
     g = torch.Generator().manual_seed(0)
-    tokens, _, _ = sample(logits, SamplingParams(temperature=1.0), g)
+    tokens = pick(logits, [SamplingParams(temperature=1.0)], [g]).tokens[0]
     freq = torch.bincount(tokens, minlength=3).double() / 20000
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.015, rtol=0)
 
@@ -58,7 +59,7 @@ def test_rejection_rule_keeps_the_target_distribution():
     accepted_total = 0
     for _ in range(N):
         draft = torch.multinomial(q, 1, generator=g)
-        accepted, bonus = accept(draft, q[None], target_logits, params, g)
+        (accepted,), (bonus,) = accept(draft[None], q[None, None], target_logits[None], [params], [g])
         first = int(draft[0]) if accepted else bonus
         counts[first] += 1
         accepted_total += accepted
@@ -69,6 +70,41 @@ def test_rejection_rule_keeps_the_target_distribution():
 
 def test_greedy_acceptance_is_the_longest_agreeing_prefix():
     target = torch.nn.functional.one_hot(torch.tensor([5, 6, 9, 8]), 10).float()  # AR says 5 6 9 8
-    assert accept(torch.tensor([5, 6, 7]), None, target, SamplingParams(), None) == (2, 9)
-    assert accept(torch.tensor([5, 6, 9]), None, target, SamplingParams(), None) == (3, 8)
-    assert accept(torch.tensor([1, 6, 9]), None, target, SamplingParams(), None) == (0, 5)
+    drafts = torch.tensor([[5, 6, 7], [5, 6, 9], [1, 6, 9]])
+    assert accept(drafts, None, target.expand(3, 4, 10), [SamplingParams()] * 3, [None] * 3) == ([2, 3, 0], [9, 8, 5])
+
+
+MIXED = [SamplingParams(), SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_k=5),
+         SamplingParams(temperature=0.7, top_p=0.9, min_p=0.05), SamplingParams(temperature=0.8)]
+
+
+def _generators(seed: int) -> list:
+    return [None if p.greedy else torch.Generator().manual_seed(seed + row) for row, p in enumerate(MIXED)]
+
+
+def test_a_rows_picks_do_not_depend_on_its_batch():
+    """Rows with their own parameters and generators, picked together and one at a time."""
+    logits = torch.randn(len(MIXED), 6, 50, generator=torch.Generator().manual_seed(3)) * 3
+    drawn = torch.rand(len(MIXED), 6, generator=torch.Generator().manual_seed(4)) < 0.6
+    together = pick(logits, MIXED, _generators(10), drawn)
+    for row, (params, generator) in enumerate(zip(MIXED, _generators(10))):
+        alone = pick(logits[row:row + 1], [params], [generator], drawn[row:row + 1])
+        assert torch.equal(alone.tokens[0][drawn[row]], together.tokens[row][drawn[row]])
+        assert torch.equal(alone.confidence[0], together.confidence[row])
+        assert torch.equal(alone.probs[0], together.probs[row])
+    greedy = pick(logits[:1], MIXED[:1], [None])
+    assert torch.equal(greedy.tokens[0], logits[0].argmax(-1))
+
+
+def test_a_rows_verdict_does_not_depend_on_its_batch():
+    g = torch.Generator().manual_seed(5)
+    B, K, V = len(MIXED), 4, 30
+    target = torch.randn(B, K + 1, V, generator=g) * 2
+    drafts = target[:, :K].argmax(-1)
+    drafts[:, 2] = torch.randint(0, V, (B,), generator=g)  # some drafts disagree with the target
+    draft_probs = torch.softmax(torch.randn(B, K, V, generator=g, dtype=torch.float64), -1)
+    verdict = accept(drafts, draft_probs, target, MIXED, _generators(20))
+    for row, (params, generator) in enumerate(zip(MIXED, _generators(20))):
+        alone = accept(drafts[row:row + 1], draft_probs[row:row + 1], target[row:row + 1], [params], [generator])
+        assert alone == ([verdict[0][row]], [verdict[1][row]])
+    assert verdict[0][0] == 2  # the greedy row: the longest prefix the argmax agrees with

@@ -7,11 +7,11 @@ from collections.abc import Callable
 import torch
 
 from blockdiff.decoding.logprobs import score
+from blockdiff.decoding.sampler import Picks, pick
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.attention_mask import Pattern
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import sample
 
 # on_event(kind, payload): an optional observer for playgrounds and streaming. Every payload
 # is about one row: payload["row"] is valid when the event is emitted (batch.seqs[row] is its
@@ -56,16 +56,6 @@ class DecodeBatch:
         return self.forward(block, "bidirectional", adapter_gate=torch.ones(block.shape, dtype=torch.bool),
                             counted=counted)
 
-    def sample(self, row: int, logits: torch.Tensor, need_probs: bool = False):
-        """Sample (T, V) logits of one row with that sequence's own generator, so a sequence's
-        tokens do not depend on which other sequences share the batch."""
-        seq = self.seqs[row]
-        if not seq.params.greedy:
-            logits = logits.cpu()  # the float64 Gumbel noise comes from the sequence's CPU generator
-        tokens, confidence, probs = sample(logits, seq.params, seq.generator, need_probs)
-        # the decoders keep token bookkeeping on the CPU, whatever device the model is on
-        return tokens.cpu(), None if confidence is None else confidence.cpu(), probs
-
     def next_tokens(self, logits: torch.Tensor) -> list[int]:
         """One token per row from (B, V) logits (see `pick_tokens`), within each row's grammar."""
         return self.pick_tokens(self.constrained(logits[:, None]))[0][:, 0].tolist()
@@ -85,17 +75,20 @@ class DecodeBatch:
             logits[row].masked_fill_(~allowed, float("-inf"))
         return logits
 
-    def pick_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
-        """(B, K, V) logits -> tokens (B, K) on the host, and each row's (K, V) probabilities
-        where it samples (None for a greedy row; None altogether when every row is greedy,
-        which takes one argmax and one host copy for the batch: per-row picks would sync a
-        GPU once per sequence)."""
+    def pick(self, logits: torch.Tensor, drawn: torch.Tensor | None = None) -> Picks:
+        """`sampler.pick` over (B, K, V) logits, each row with its own parameters and generator."""
+        return pick(logits, [s.params for s in self.seqs], [s.generator for s in self.seqs], drawn)
+
+    def pick_tokens(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, K, V) logits -> tokens (B, K) on the host, and the rows' (B, K, V) probabilities
+        where any row samples (None when every row is greedy, which takes one argmax and one
+        host copy)."""
         if all(seq.params.greedy for seq in self.seqs):
             return logits.argmax(-1).cpu(), None
-        picks = [self.sample(row, logits[row], need_probs=not seq.params.greedy) for row, seq in enumerate(self.seqs)]
-        return torch.stack([tokens for tokens, _, _ in picks]), [probs for _, _, probs in picks]
+        picks = self.pick(logits)
+        return picks.tokens, picks.probs
 
-    def draft_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor | None] | None]:
+    def draft_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, K, hidden) draft-pass states of the K slots after each row's pending token ->
         drafts (B, K) and probabilities as `pick_tokens` gives them. Greedy rows draft through
         the model's sampler head where it has one (each slot's pick conditioned on the pick

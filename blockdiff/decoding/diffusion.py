@@ -32,11 +32,12 @@ def step(batch: DecodeBatch) -> None:
         stepped = list(active)  # rows that take this pass (the loop below updates `active`)
         hidden = batch.draft_pass(block, counted=active)  # (B, L, hidden)
         logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
+        picks = batch.pick(logits, drawn=needed & torch.tensor(active)[:, None])  # (B, L) tokens and confidence
         for row, seq in enumerate(batch.seqs):
             if not active[row]:
                 continue
             slots = needed[row].nonzero()[:, 0]
-            tokens, confidence, _ = batch.sample(row, logits[row, slots], need_probs=True)
+            tokens, confidence = picks.tokens[row, slots], picks.confidence[row, slots]
             commit = confidence >= seq.params.threshold
             commit[confidence.argmax()] = True  # always progress by at least one slot
             block[row, slots[commit]] = tokens[commit]

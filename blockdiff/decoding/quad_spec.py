@@ -76,10 +76,20 @@ def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor) -> None:
             batch.event("draft", row, drafts=seq.draft.tolist())
 
 
+def _kept_draft_probs(batch: DecodeBatch) -> torch.Tensor | None:
+    """The kept drafts' (B, L-1, V) probabilities, zeros for greedy rows (which a merge may
+    put beside sampled ones); None when every row is greedy."""
+    kept = [s.draft_probs for s in batch.seqs]
+    present = [p for p in kept if p is not None]
+    if not present:
+        return None
+    return torch.stack([torch.zeros_like(present[0]) if p is None else p for p in kept])
+
+
 def step(batch: DecodeBatch) -> None:
     L, B = batch.block_length, len(batch)
     drafts = torch.stack([s.draft for s in batch.seqs])  # (B, L-1)
-    draft_probs = None if all(s.draft_probs is None for s in batch.seqs) else [s.draft_probs for s in batch.seqs]
+    draft_probs = _kept_draft_probs(batch)  # (B, L-1, V) or None
     anchors = torch.cat([batch.pending_tokens(), drafts], dim=1)  # (B, L)
     tokens = torch.cat([anchors, batch.masks(L * L)], dim=1)  # (B, L + L*L)
     positions = batch.cache.lengths[:, None] + fused_offsets(L)  # (B, L + L*L)

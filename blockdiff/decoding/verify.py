@@ -9,46 +9,67 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.sampling import SamplingParams, gumbel_argmax, probabilities
+from blockdiff.decoding.sampler import gumbel_argmax, row_probabilities, uniform_noise
+from blockdiff.sampling import SamplingParams
 
 
 def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits: torch.Tensor,
-           params: SamplingParams, generator: torch.Generator | None) -> tuple[int, int]:
-    """drafts (K,), draft_probs (K, V) or None (greedy), target_logits (K+1, V) where row i is
-    the AR prediction for the slot of drafts[i] (row K: the slot after the last draft).
-    Returns (number of drafts accepted, the token that follows them)."""
-    K = drafts.shape[0]
-    if params.greedy:
-        ar = target_logits.argmax(-1).cpu()  # (K+1,)
-        agree = (ar[:K] == drafts).long()
-        accepted = int(agree.cumprod(0).sum())
-        return accepted, int(ar[accepted])
-    p = probabilities(target_logits.cpu(), params)  # (K+1, V), beside the CPU generator
-    index = drafts[:, None]
-    ratio = p[:K].gather(1, index)[:, 0] / draft_probs.gather(1, index)[:, 0].clamp_min(1e-300)  # (K,)
-    u = torch.rand(K, dtype=torch.float64, generator=generator)
-    for i in range(K):
-        if u[i] >= ratio[i]:
-            residual = (p[i] - draft_probs[i]).clamp_min(0.0)
-            residual = residual / residual.sum() if residual.sum() > 0 else p[i]
-            return i, int(gumbel_argmax(residual, generator))
-    return K, int(gumbel_argmax(p[K], generator))
+           params: list[SamplingParams], generators: list[torch.Generator | None]) -> tuple[list[int], list[int]]:
+    """drafts (B, K) on the host, draft_probs (B, K, V) (None: every row is greedy; a greedy
+    row's entries are not read), target_logits (B, K+1, V) where [b, i] is the AR prediction
+    for the slot of drafts[b, i] (i = K: the slot after the last draft). Returns, per row, the
+    number of drafts accepted and the token that follows them.
+
+    A sampled row draws K uniforms for its accept tests, then V for the token after them, from
+    its own generator; the rest is one computation for the batch and one host copy."""
+    K = drafts.shape[1]
+    device = target_logits.device
+    on_device = drafts.to(device)
+    ar = target_logits.argmax(-1)  # (B, K+1)
+    accepted = (ar[:, :K] == on_device).long().cumprod(1).sum(1)  # (B,): the greedy rule
+    bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
+    if draft_probs is not None:
+        greedy = torch.tensor([p.greedy for p in params], device=device)  # (B,)
+        rejected, residual = _rejection_sample(on_device, draft_probs, target_logits, params, generators)
+        accepted = torch.where(greedy, accepted, rejected)
+        bonus = torch.where(greedy, bonus, residual)
+    both = torch.stack([accepted, bonus]).cpu()  # (2, B): one host copy
+    return both[0].tolist(), both[1].tolist()
 
 
-def accept_batch(batch, drafts: torch.Tensor, draft_probs: list[torch.Tensor | None] | None,
+def _rejection_sample(drafts, draft_probs, target_logits, params, generators):
+    """The rejection rule for every row (greedy rows' results are discarded): accept draft i
+    while u_i < p_i(d_i) / q_i(d_i); at the first rejection sample norm(max(0, p_i - q_i)),
+    after K acceptances sample p_K. Returns accepted (B,), the token after them (B,)."""
+    B, K = drafts.shape
+    sampled = [None if p.greedy else g for p, g in zip(params, generators)]
+    u = uniform_noise(sampled, (K,), target_logits.device)  # (B, K), drawn before the token's noise
+    noise = uniform_noise(sampled, (target_logits.shape[-1],), target_logits.device)  # (B, V)
+    p = row_probabilities(target_logits, params)  # (B, K+1, V)
+    q = draft_probs.to(p.dtype)  # (B, K, V)
+    index = drafts[..., None]  # (B, K, 1)
+    ratio = p[:, :K].gather(2, index)[..., 0] / q.gather(2, index)[..., 0].clamp_min(1e-300)  # (B, K)
+    passed = torch.cat([u < ratio, torch.zeros(B, 1, dtype=torch.bool, device=u.device)], dim=1)  # (B, K+1)
+    accepted = passed.long().cumprod(1).sum(1)  # (B,): the first failed test, or K
+    rows = torch.arange(B, device=u.device)
+    p_at = p[rows, accepted]  # (B, V)
+    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]  # (B, V)
+    residual = (p_at - q_at).clamp_min(0.0)  # (B, V)
+    total = residual.sum(-1, keepdim=True)  # (B, 1)
+    target = torch.where(total > 0, residual / total.clamp_min(1e-300), p_at)  # (B, V)
+    target = torch.where((accepted == K)[:, None], p_at, target)  # every draft passed: p_K itself
+    return accepted, gumbel_argmax(target, noise)
+
+
+def accept_batch(batch, drafts: torch.Tensor, draft_probs: torch.Tensor | None,
                  target_logits: torch.Tensor) -> list[tuple[int, int]]:
-    """`accept` for every row: drafts (B, K), draft_probs as `DecodeBatch.pick_tokens` gives
-    them, target_logits (B, K+1, V), which each row's grammar constrains along its drafts.
-    A greedy batch takes one argmax and one host copy."""
+    """`accept` for a DecodeBatch's rows: drafts (B, K), draft_probs (B, K, V) as
+    `DecodeBatch.pick_tokens` gives them, target_logits (B, K+1, V), which each row's grammar
+    constrains along its drafts."""
     target_logits = batch.constrained(target_logits, drafts)
-    if draft_probs is None:
-        K = drafts.shape[1]
-        ar = target_logits.argmax(-1).cpu()  # (B, K+1)
-        accepted = (ar[:, :K] == drafts).long().cumprod(1).sum(1)  # (B,)
-        bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
-        return list(zip(accepted.tolist(), bonus.tolist()))
-    return [accept(drafts[row], draft_probs[row], target_logits[row], seq.params, seq.generator)
-            for row, seq in enumerate(batch.seqs)]
+    accepted, bonus = accept(drafts, draft_probs, target_logits, [s.params for s in batch.seqs],
+                             [s.generator for s in batch.seqs])
+    return list(zip(accepted, bonus))
 
 
 def commit_row(batch, row: int, drafts: torch.Tensor, accepted: int, bonus: int,

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.decoding.sampler import pick
 from blockdiff.engine.sequence import Sequence
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import sample
 
 
 class InfillJob:
@@ -59,7 +59,8 @@ class InfillJob:
         seq.metrics.nfe += 1
         slots = lo + self.open[lo:hi].nonzero()[:, 0]  # (k,) still-masked slots of this block
         logits = self.model.logits(hidden[0, slots])  # (k, V): no shift, slot i predicts slot i
-        tokens, confidence, _ = sample(logits, seq.params, seq.generator, need_probs=True)
+        picks = pick(logits[None], [seq.params], [seq.generator])
+        tokens, confidence = picks.tokens[0], picks.confidence[0]  # (k,) each
         commit = confidence >= seq.params.threshold
         commit[confidence.argmax()] = True  # always progress by at least one slot
         self.window[0, slots[commit]] = tokens[commit]
