@@ -70,11 +70,17 @@ def pick(logits: torch.Tensor, params: list[SamplingParams], generators: list[to
     """(B, K, V) logits -> one token per slot: the argmax for greedy rows, a Gumbel-max sample
     for the others. `drawn` (B, K) bool marks the slots whose picks are used (see
     `uniform_noise`); the others are computed and not meant to be read."""
+    tokens, confidence, probs = pick_on_device(logits, params, generators, drawn)
+    both = torch.stack([tokens.double(), confidence]).cpu()  # (2, B, K): one host copy
+    return Picks(both[0].long(), both[1], probs)
+
+
+def pick_on_device(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
+                   drawn: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`pick`'s work, all on the logits' device: tokens (B, K), confidence (B, K), probs (B, K, V)."""
     greedy = torch.tensor([p.greedy for p in params], device=logits.device)[:, None]  # (B, 1)
     probs = row_probabilities(logits, params)  # (B, K, V)
     sampled_generators = [None if p.greedy else g for p, g in zip(params, generators)]
     noise = uniform_noise(sampled_generators, tuple(logits.shape[1:]), logits.device, drawn)  # (B, K, V)
     tokens = torch.where(greedy, logits.argmax(-1), gumbel_argmax(probs, noise))  # (B, K)
-    confidence = probs.gather(-1, tokens[..., None])[..., 0]  # (B, K)
-    both = torch.stack([tokens.double(), confidence]).cpu()  # (2, B, K): one host copy
-    return Picks(both[0].long(), both[1], probs)
+    return tokens, probs.gather(-1, tokens[..., None])[..., 0], probs

@@ -22,19 +22,24 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
 
     A sampled row draws K uniforms for its accept tests, then V for the token after them, from
     its own generator; the rest is one computation for the batch and one host copy."""
+    accepted, bonus = accept_on_device(drafts, draft_probs, target_logits, params, generators)
+    both = torch.stack([accepted, bonus]).cpu()  # (2, B): one host copy
+    return both[0].tolist(), both[1].tolist()
+
+
+def accept_on_device(drafts, draft_probs, target_logits, params, generators) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept`'s work, all on the logits' device: accepted (B,), the token after them (B,)."""
     K = drafts.shape[1]
     device = target_logits.device
     on_device = drafts.to(device)
     ar = target_logits.argmax(-1)  # (B, K+1)
     accepted = (ar[:, :K] == on_device).long().cumprod(1).sum(1)  # (B,): the greedy rule
     bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
-    if draft_probs is not None:
-        greedy = torch.tensor([p.greedy for p in params], device=device)  # (B,)
-        rejected, residual = _rejection_sample(on_device, draft_probs, target_logits, params, generators)
-        accepted = torch.where(greedy, accepted, rejected)
-        bonus = torch.where(greedy, bonus, residual)
-    both = torch.stack([accepted, bonus]).cpu()  # (2, B): one host copy
-    return both[0].tolist(), both[1].tolist()
+    if draft_probs is None:
+        return accepted, bonus
+    greedy = torch.tensor([p.greedy for p in params], device=device)  # (B,)
+    rejected, residual = _rejection_sample(on_device, draft_probs, target_logits, params, generators)
+    return torch.where(greedy, accepted, rejected), torch.where(greedy, bonus, residual)
 
 
 def _rejection_sample(drafts, draft_probs, target_logits, params, generators):
