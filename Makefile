@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test bench results clean-venv
+.PHONY: demo test test-fast bench results clean-venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -21,6 +21,10 @@ demo: $(VENV_STAMP)
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests
+
+# the suite without the tests marked slow (the default model, processes, servers, a browser)
+test-fast: $(VENV_STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 bench: $(VENV_STAMP)
 	$(PY) benchmarks/modes.py

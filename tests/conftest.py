@@ -40,3 +40,14 @@ def default_llm():
 def tiny_dir(tmp_path_factory) -> str:
     from helpers import save_tiny_checkpoint
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+# Fixtures that load the embedded default model (seconds each) or start processes: a test
+# that uses one is part of `make test` only, not `make test-fast`.
+SLOW_FIXTURES = {"gguf_path", "hf_model", "hf_tokenizer", "default_llm", "native_llm"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

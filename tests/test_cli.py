@@ -3,6 +3,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 
 def blockdiff(*args, timeout=120):
     return subprocess.run([sys.executable, "-m", "blockdiff.cli", *args], capture_output=True, text=True,

@@ -20,6 +20,8 @@ from blockdiff import SamplingParams
 from helpers import causal_logprobs
 from test_server_support import free_port
 
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "blockdiff_qa_choice,blockdiff_qa,blockdiff_code"
 LIMIT = 8

@@ -20,6 +20,8 @@ import pytest
 from blockdiff.engine.llm import LLM
 from test_server_support import one_torch_thread, serving
 
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 PROMPT = "def fibonacci(n):"

@@ -47,6 +47,7 @@ def test_gumbel_sampling_follows_the_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.015, rtol=0)
 
 
+@pytest.mark.slow
 def test_rejection_rule_keeps_the_target_distribution():
     """Drafts from a wrong q, verified against p: emitted tokens must follow p."""
     V, N = 4, 20000

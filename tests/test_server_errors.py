@@ -186,6 +186,7 @@ FIELDS = {
 }
 
 
+@pytest.mark.slow
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
        body=st.dictionaries(st.sampled_from(sorted(FIELDS)), JSONISH, max_size=4).flatmap(

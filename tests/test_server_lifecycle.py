@@ -23,6 +23,8 @@ from blockdiff.server.streaming import TextTracker, held_back
 from helpers import tiny_tokenizer
 from test_server_support import free_port, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

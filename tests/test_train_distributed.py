@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from test_train_support import REPO, cli, make_workspace, write_config
 
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 
 def _losses(run: str) -> list[float]:
     with open(os.path.join(run, "metrics.jsonl")) as f:

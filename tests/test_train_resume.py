@@ -14,6 +14,8 @@ from blockdiff.errors import CheckpointError
 from blockdiff.train import checkpoint as ckpt
 from blockdiff.train.loop import resolve_resume
 
+pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
+
 
 def _final(run: str) -> dict:
     return load_file(os.path.join(run, "final", "model.safetensors"))
