@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from blockdiff.decoding.sampler import gumbel_argmax, row_probabilities, uniform_noise
+from blockdiff.decoding.sampler import gumbel_argmax, row_chunks, row_probabilities, uniform_noise
 from blockdiff.sampling import SamplingParams
 
 
@@ -29,16 +29,25 @@ def accept(drafts: torch.Tensor, draft_probs: torch.Tensor | None, target_logits
 
 def accept_on_device(drafts, draft_probs, target_logits, params, generators) -> tuple[torch.Tensor, torch.Tensor]:
     """`accept`'s work, all on the logits' device: accepted (B,), the token after them (B,)."""
-    K = drafts.shape[1]
+    B, K = drafts.shape
     device = target_logits.device
     on_device = drafts.to(device)
-    ar = target_logits.argmax(-1)  # (B, K+1)
-    accepted = (ar[:, :K] == on_device).long().cumprod(1).sum(1)  # (B,): the greedy rule
-    bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
-    if draft_probs is None:
-        return accepted, bonus
+    if draft_probs is None or any(p.greedy for p in params):
+        ar = target_logits.argmax(-1)  # (B, K+1)
+        accepted = (ar[:, :K] == on_device).long().cumprod(1).sum(1)  # (B,): the greedy rule
+        bonus = ar.gather(1, accepted[:, None])[:, 0]  # (B,)
+        if draft_probs is None:
+            return accepted, bonus
+    rejected = torch.empty(B, dtype=torch.long, device=device)
+    residual = torch.empty(B, dtype=torch.long, device=device)
+    for rows in row_chunks(B, device):
+        if all(p.greedy for p in params[rows]):
+            continue  # nothing to sample: the greedy verdicts stand
+        rejected[rows], residual[rows] = _rejection_sample(on_device[rows], draft_probs[rows], target_logits[rows],
+                                                           params[rows], generators[rows])
+    if not any(p.greedy for p in params):
+        return rejected, residual
     greedy = torch.tensor([p.greedy for p in params], device=device)  # (B,)
-    rejected, residual = _rejection_sample(on_device, draft_probs, target_logits, params, generators)
     return torch.where(greedy, accepted, rejected), torch.where(greedy, bonus, residual)
 
 
@@ -58,7 +67,7 @@ def _rejection_sample(drafts, draft_probs, target_logits, params, generators):
     accepted = passed.long().cumprod(1).sum(1)  # (B,): the first failed test, or K
     rows = torch.arange(B, device=u.device)
     p_at = p[rows, accepted]  # (B, V)
-    q_at = torch.cat([q, torch.zeros_like(q[:, :1])], dim=1)[rows, accepted]  # (B, V)
+    q_at = q[rows, accepted.clamp_max(K - 1)]  # (B, V); not read where every draft passed
     residual = (p_at - q_at).clamp_min(0.0)  # (B, V)
     total = residual.sum(-1, keepdim=True)  # (B, 1)
     target = torch.where(total > 0, residual / total.clamp_min(1e-300), p_at)  # (B, V)
