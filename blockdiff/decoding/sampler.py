@@ -4,8 +4,10 @@ mix of greedy and sampled rows it holds.
 A sampled row keeps its own CPU generator, so its tokens do not depend on which sequences
 share its batch; the generator only draws the row's float64 uniform noise, in the order the
 row would draw it alone (`uniform_noise`). Everything else (filters, softmax, the Gumbel
-argmax, verify's rejection rule) runs once for the whole batch on the model's device, and
-the picks reach the host in one copy: per-row sampling would sync a GPU once per sequence.
+argmax, verify's rejection rule) is tensor work on the model's device, over the whole batch
+at once on an accelerator and a row at a time on the CPU (`row_chunks`), and the picks reach
+the host in one copy a step: per-row sampling with host reads would sync a GPU once per
+sequence.
 """
 from __future__ import annotations
 
