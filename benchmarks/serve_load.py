@@ -122,7 +122,7 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     model = args.model
     if args.tiny:
         sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
-        from test_server_support import make_tiny_checkpoint  # the tests' random tiny model
+        from support.server import make_tiny_checkpoint  # the tests' random tiny model
         model = make_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"))
     port = args.port
     cmd = [sys.executable, "-m", "blockdiff.cli", "serve", "--model", model, "--port", str(port),

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))  # tests import helpers.py directly
+sys.path.insert(0, os.path.dirname(__file__))  # tests import support/ as a package
 torch.set_flush_denormal(True)
 
 
@@ -38,7 +38,7 @@ def default_llm():
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> str:
-    from helpers import save_tiny_checkpoint
+    from support.models import save_tiny_checkpoint
     return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
 
 

@@ -6,7 +6,7 @@ import pytest
 from blockdiff.engine.auto import AutoMode, load_bucket
 from blockdiff.engine.llm import LLM
 from blockdiff.sampling import InvalidParameter, SamplingParams
-from helpers import save_tiny_checkpoint
+from support.models import save_tiny_checkpoint
 
 
 def feed(auto: AutoMode, mode: str, rows: int, tokens_per_s: float, steps: int = 8) -> None:

@@ -13,7 +13,7 @@ from blockdiff.errors import CheckpointError
 from blockdiff.model.checkpoint import expected_shapes, load_checkpoint, save_checkpoint
 from blockdiff.model.loader_hf import config_from_hf
 from blockdiff.tokenizer import Tokenizer
-from helpers import tiny_tokenizer
+from support.models import tiny_tokenizer
 
 TEXTS = ["Hello world", "héllo wörld — 日本語 🤖 naïve café", "def f(x):\n    return x**2  # 12345\n",
          "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n", "a 123 4567 b1c2", "  two  spaces\t\ttabs\n\n\n",

@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import run, tiny_model
+from support.models import run, tiny_model
 from blockdiff.decoding.run import decode
 from blockdiff.engine.sequence import Sequence
 from blockdiff.sampling import SamplingParams

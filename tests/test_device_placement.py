@@ -17,7 +17,7 @@ from blockdiff.decoding.verify import accept_on_device
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.sampling import SamplingParams
-from helpers import attach_random_draft_adapter, tiny_model
+from support.models import attach_random_draft_adapter, tiny_model
 
 DEVICE = torch.device("meta")
 

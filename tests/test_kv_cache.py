@@ -4,7 +4,7 @@ import torch
 
 from blockdiff.model.attention import KEY_CHUNK
 from blockdiff.model.kv_cache import KVCache
-from helpers import tiny_model
+from support.models import tiny_model
 
 
 def full_logits(model, tokens):

@@ -6,7 +6,7 @@ from blockdiff import LLM, SamplingParams
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.kv_cache import KVCache
-from helpers import attach_random_draft_adapter, run, save_tiny_checkpoint, tiny_model
+from support.models import attach_random_draft_adapter, run, save_tiny_checkpoint, tiny_model
 
 
 def test_generate_returns_text_ids_and_metrics(tiny_dir):

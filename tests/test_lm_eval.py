@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from blockdiff import SamplingParams
-from helpers import causal_logprobs
-from test_server_support import free_port
+from support.models import causal_logprobs
+from support.server import free_port
 
 pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
 

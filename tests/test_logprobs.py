@@ -3,7 +3,7 @@ same in every lossless mode (decoding/logprobs.py)."""
 import pytest
 import torch
 
-from helpers import attach_random_draft_adapter, causal_logprobs, run, tiny_model
+from support.models import attach_random_draft_adapter, causal_logprobs, run, tiny_model
 from blockdiff.sampling import InvalidParameter, SamplingParams
 
 PROMPTS = [[1, 2, 3, 4, 5], [7], [3] * 13, [9, 8]]
@@ -64,7 +64,7 @@ def test_prompt_logprobs_and_scoring_without_generating():
 
 
 def test_a_stop_string_cuts_the_logprobs_with_the_tokens():
-    from helpers import tiny_tokenizer
+    from support.models import tiny_tokenizer
     tok = tiny_tokenizer()
     model = tiny_model(6, vocab=300)
     prompt = tok.encode("the cat")

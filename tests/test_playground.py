@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from blockdiff.engine.llm import LLM
-from test_server_support import one_torch_thread, serving
+from support.server import one_torch_thread, serving
 
 pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
 

@@ -6,7 +6,7 @@ import torch
 
 from blockdiff import LLM
 from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_int4
-from helpers import attach_random_draft_adapter, run, tiny_model
+from support.models import attach_random_draft_adapter, run, tiny_model
 
 
 def test_q4_1_weights_come_back_exactly():

@@ -5,7 +5,7 @@ import transformers
 
 from blockdiff.config import ModelConfig, RopeConfig
 from blockdiff.model.transformer import Transformer
-from helpers import run
+from support.models import run
 
 DIMS = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
             num_attention_heads=8, num_key_value_heads=2, rms_norm_eps=1e-5)

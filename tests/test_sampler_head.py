@@ -12,7 +12,7 @@ from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.sampling import SamplingParams, probabilities
 from blockdiff.train.objective import ObjectiveConfig, ObjectiveModule, add_noise
-from helpers import attach_random_draft_adapter, run, tiny_model
+from support.models import attach_random_draft_adapter, run, tiny_model
 
 
 def random_head(model, seed: int = 0, top_k: int = 4) -> SamplerHead:

@@ -13,8 +13,8 @@ import torch
 from blockdiff.engine.infill import InfillJob
 from blockdiff.engine.sequence import Sequence
 from blockdiff.sampling import SamplingParams
-from helpers import attach_random_draft_adapter, tiny_model
-from test_server_support import one_thread_llm, serving
+from support.models import attach_random_draft_adapter, tiny_model
+from support.server import one_thread_llm, serving
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
 PROMPTS = ["the cat sat", "hello there", "def main():", "the mat on"]

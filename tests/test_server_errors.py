@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from blockdiff.server.app import build_app
 from blockdiff.server.config import ServerConfig
-from test_server_support import ServerThread, one_thread_llm, serving
+from support.server import ServerThread, one_thread_llm, serving
 
 BODY_LIMIT = 64 * 1024
 

@@ -20,8 +20,8 @@ from blockdiff.engine.request import Update
 from blockdiff.engine.sequence import Sequence
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.streaming import TextTracker, held_back
-from helpers import tiny_tokenizer
-from test_server_support import free_port, make_tiny_checkpoint
+from support.models import tiny_tokenizer
+from support.server import free_port, make_tiny_checkpoint
 
 pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from blockdiff.sampling import SamplingParams
-from helpers import causal_logprobs
+from support.models import causal_logprobs
 from test_server import client, llm, server  # noqa: F401  (module-scoped: this module gets its own server)
 
 LOSSLESS = ["ar", "linear_spec", "quad_spec"]

@@ -12,7 +12,7 @@ import pytest
 
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.steps import Step, StepBacklog, StepFormatter
-from test_server_support import one_thread_llm, serving
+from support.server import one_thread_llm, serving
 
 KINDS = {"ar": {"commit"}, "diffusion": {"denoise", "commit"}, "linear_spec": {"draft", "verify", "commit"},
          "quad_spec": {"draft", "verify", "commit"}}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from blockdiff.model.sampler_head import SamplerHead
-from helpers import tiny_model
+from support.models import tiny_model
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.train.acceptance import draft_acceptance, summarize
 from blockdiff.train.objective import ObjectiveConfig, ObjectiveModule

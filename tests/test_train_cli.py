@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import tiny_config
-from test_train_support import make_workspace, write_config
+from support.models import tiny_config
+from support.train import make_workspace, write_config
 from blockdiff.cli import main
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint, save_checkpoint

@@ -7,7 +7,7 @@ from blockdiff.bench.prompts import Prompt, load_prompts
 from blockdiff.engine.llm import LLM
 from blockdiff.train.data import iter_documents
 from blockdiff.train.distill import count_lines, distill
-from helpers import save_tiny_checkpoint
+from support.models import save_tiny_checkpoint
 
 
 def write_prompts(path, records) -> str:

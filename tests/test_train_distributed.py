@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_support import REPO, cli, make_workspace, write_config
+from support.train import REPO, cli, make_workspace, write_config
 
 pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` only
 

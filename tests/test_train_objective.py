@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from helpers import tiny_model
+from support.models import tiny_model
 from blockdiff.train.objective import (ObjectiveConfig, ObjectiveModule, add_noise, block_diff_mask,
                                        combine, counts, mask_probabilities)
 

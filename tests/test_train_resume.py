@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train_support import cli, make_workspace, write_config
+from support.train import cli, make_workspace, write_config
 from blockdiff.cli import main
 from blockdiff.errors import CheckpointError
 from blockdiff.train import checkpoint as ckpt

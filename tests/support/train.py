@@ -9,7 +9,7 @@ import yaml
 
 from blockdiff.train.tokenizer_train import save_tokenizer, train_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def corpus_text(i: int) -> str:

@@ -1,4 +1,4 @@
-"""Shared helpers for the server tests (no tests here): a tiny random checkpoint on disk and
+"""Shared by the server tests: a tiny random checkpoint on disk and
 a real uvicorn server on a free loopback port, run in a background thread."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import httpx
 import torch
 
 from blockdiff.model.checkpoint import save_checkpoint
-from helpers import tiny_model, tiny_tokenizer
+from support.models import tiny_model, tiny_tokenizer
 
 
 def make_tiny_checkpoint(out_dir: str, seed: int = 0) -> str:
