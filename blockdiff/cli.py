@@ -87,13 +87,8 @@ def cmd_generate(args) -> None:
           f"tok/s={m.tokens_per_s:.1f} finish={out.finish_reason}", file=sys.stderr)
 
 
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
-
-
 def cmd_compare(args) -> None:
+    from blockdiff.bench.report import format_table
     from blockdiff.engine.llm import LLM
     modes = [m.strip() for m in args.modes.split(",")]
     for mode in modes:

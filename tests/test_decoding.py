@@ -6,7 +6,7 @@ from hypothesis import strategies as st
 
 from support.models import run, tiny_model
 from blockdiff.decoding.run import decode
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.sampling import SamplingParams
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
@@ -96,7 +96,7 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
     time, the sequence it is about: its commits are then exactly that sequence's output."""
     from blockdiff.decoding.batch import DecodeBatch
     from blockdiff.decoding.run import DECODERS
-    from blockdiff.engine.sequence import Sequence
+    from blockdiff.decoding.sequence import Sequence
     from blockdiff.sampling import SamplingParams
 
     model = tiny_model(6, vocab=24)

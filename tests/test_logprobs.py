@@ -73,7 +73,7 @@ def test_a_stop_string_cuts_the_logprobs_with_the_tokens():
     stop = text[len(text) // 2:len(text) // 2 + 2]
     if not stop.strip():
         pytest.skip("the model's text has no usable stop string")
-    from blockdiff.engine.sequence import Sequence
+    from blockdiff.decoding.sequence import Sequence
     from blockdiff.decoding.run import decode
     seq = Sequence(prompt, SamplingParams(max_new_tokens=12, stop=[stop], logprobs=0), frozenset(), tok.decode)
     decode(model, [seq], model.config.mask_token_id)

@@ -6,7 +6,7 @@ import torch
 
 from blockdiff.decoding.batch import DecodeBatch
 from blockdiff.decoding.run import decode
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.sampler_head import SamplerHead

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from blockdiff.engine.infill import InfillJob
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.sampling import SamplingParams
 from support.models import attach_random_draft_adapter, tiny_model
 from support.server import one_thread_llm, serving

@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockdiff.engine.request import Update
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.streaming import TextTracker, held_back
 from support.models import tiny_tokenizer

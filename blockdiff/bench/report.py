@@ -80,9 +80,15 @@ HEADER = ["mode", "L", "thr", "batch", "tokens", "NFE", "TPF", "tok/step", "acce
           "TTFT ms", "same as ar", "PPL", "PPL vs ar"]
 
 
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    """A Markdown table, its columns padded to their widest cell."""
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in rows])
+
+
 def markdown_report(bench) -> str:
     """The stdout report: run setup, the table, and acceptance by draft position."""
-    from blockdiff.cli import format_table
     s, env, m = bench.settings, bench.environment, bench.model
     cpu = f"{env['processor']} (native bf16: {'yes' if env.get('native_bf16_cpu') else 'no'})"
     lines = [f"machine: {env['cuda'] or cpu}, {env['torch_threads']} threads, torch {env['torch']}",

@@ -8,7 +8,7 @@ import torch
 
 from blockdiff.decoding.logprobs import score
 from blockdiff.decoding.sampler import Picks, pick
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.attention_mask import Pattern
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer

@@ -61,12 +61,14 @@ def step(batch: DecodeBatch) -> None:
     for row, seq in enumerate(batch.seqs):
         seq.metrics.steps += 1
         batch.emit(row, block[row, 1:int(end[row])].tolist())
-    live = [row for row, seq in enumerate(batch.seqs) if not seq.finished]
-    if not live:
+    live = [not seq.finished for seq in batch.seqs]
+    if not any(live):
         return
-    block = block[live]  # (B', L): rows still going have complete blocks
-    batch.retire()
-    hidden = batch.forward(block, "causal")  # commit pass: the only one that writes the cache
+    # commit pass: the only one that writes the cache. Rows still going have complete blocks;
+    # finished rows ride along uncounted until the driver retires them after this step.
+    hidden = batch.forward(block, "causal", counted=live)  # (B, L, hidden)
     batch.cache.advance(L)
-    for row, token in enumerate(batch.next_tokens(batch.model.logits(hidden[:, -1]))):  # logits (B', V)
-        batch.emit(row, [token])
+    tokens = batch.next_tokens(batch.model.logits(hidden[:, -1]))  # logits (B, V)
+    for row, token in enumerate(tokens):
+        if live[row]:
+            batch.emit(row, [token])

@@ -8,7 +8,7 @@ import torch
 
 from blockdiff.decoding import ar, diffusion, linear_spec, quad_spec
 from blockdiff.decoding.batch import DecodeBatch, EventHook
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.transformer import Transformer
 
 # on_step(mode, rows, tokens committed, seconds): one decode step, timed

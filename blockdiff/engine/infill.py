@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from blockdiff.decoding.sampler import pick
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from blockdiff.decoding.logprobs import TokenLogprob
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 
 _ids = itertools.count()
 

@@ -5,7 +5,7 @@ import torch
 
 from blockdiff.config import ModelConfig, RopeConfig
 from blockdiff.decoding.run import decode
-from blockdiff.engine.sequence import Sequence
+from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import SamplingParams
 from blockdiff.tokenizer import Tokenizer
