@@ -105,8 +105,16 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
             for p, n in zip(prompts, lengths)]
     events: dict[int, list] = {id(s): [] for s in seqs}
     decoder = DECODERS[mode]
-    batch = DecodeBatch(model, seqs, model.config.mask_token_id, decoder.extra_slots(4))
-    batch.on_event = lambda kind, payload: events[id(batch.seqs[payload["row"]])].append((kind, payload))
+
+    class Recorder:
+        def wants(self, seq):
+            return True
+
+        def event(self, kind, seq, payload):
+            assert seq is batch.seqs[payload["row"]]
+            events[id(seq)].append((kind, payload))
+
+    batch = DecodeBatch(model, seqs, model.config.mask_token_id, decoder.extra_slots(4), Recorder())
     with torch.inference_mode():
         decoder.start(batch)
         batch.retire()

@@ -3,6 +3,7 @@ and the sampling, forward and retirement helpers every mode uses."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -13,9 +14,9 @@ from blockdiff.model.attention_mask import Pattern
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.transformer import Transformer
 
-# on_event(kind, payload): an optional observer for playgrounds and streaming. Every payload
-# is about one row: payload["row"] is valid when the event is emitted (batch.seqs[row] is its
-# Sequence); rows move later, when sequences retire or batches merge. Kinds and fields:
+# The decoders' step events, for playgrounds and streams. Every payload is about one row:
+# payload["row"] is valid when the event is emitted (batch.seqs[row] is its Sequence, which the
+# observer is also handed); rows move later, when sequences retire or batches merge. Kinds:
 #   "denoise" (diffusion, one bidirectional pass): step, block (L ids, slot 0 the committed
 #             seed), masked (L bools), end (slots 1..end-1 are this block's output)
 #   "draft"   (linear_spec, quad_spec): drafts (the L-1 ids proposed after the pending token)
@@ -25,19 +26,37 @@ from blockdiff.model.transformer import Transformer
 EventHook = Callable[[str, dict], None]
 
 
+class StepObserver(Protocol):
+    """Who hears a batch's step events. Decoders build a row's payload only when `wants` says so."""
+
+    def wants(self, seq: Sequence) -> bool: ...
+
+    def event(self, kind: str, seq: Sequence, payload: dict) -> None: ...
+
+
+class EveryStep:
+    """A StepObserver that hands every row's events to one callback(kind, payload)."""
+
+    def __init__(self, hook: EventHook):
+        self.hook = hook
+
+    def wants(self, seq: Sequence) -> bool:
+        return True
+
+    def event(self, kind: str, seq: Sequence, payload: dict) -> None:
+        self.hook(kind, payload)
+
+
 class DecodeBatch:
     def __init__(self, model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
-                 extra_slots: int, on_event: EventHook | None = None):
+                 extra_slots: int, observer: StepObserver | None = None):
         self.model = model
         self.seqs = list(seqs)
         self.mask_token_id = mask_token_id
         self.block_length = seqs[0].params.block_length
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
         self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
-        self.on_event = on_event
-        # which sequences anyone listens to (None: all); the server watches only the requests
-        # that asked for steps, so other rows build no payloads
-        self.listening: Callable[[Sequence], bool] | None = None
+        self.observer = observer
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -127,13 +146,13 @@ class DecodeBatch:
 
     def observed(self, row: int) -> bool:
         """Whether an event about this row has a listener; decoders build payloads only then."""
-        return self.on_event is not None and (self.listening is None or self.listening(self.seqs[row]))
+        return self.observer is not None and self.observer.wants(self.seqs[row])
 
     def event(self, kind: str, row: int, **payload) -> None:
         """Send one row's event (call only when `observed(row)`)."""
         seq = self.seqs[row]
-        self.on_event(kind, {"row": row, **payload, "nfe": seq.metrics.nfe,
-                             "completion_tokens": len(seq.output_ids)})
+        self.observer.event(kind, seq, {"row": row, **payload, "nfe": seq.metrics.nfe,
+                                        "completion_tokens": len(seq.output_ids)})
 
     def emit(self, row: int, tokens: list[int], logits: torch.Tensor | None = None) -> int:
         """Append tokens to a row's output; `logits` (>= len(tokens), V) are the causal logits

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from blockdiff.decoding import ar, diffusion, linear_spec, quad_spec
-from blockdiff.decoding.batch import DecodeBatch, EventHook
+from blockdiff.decoding.batch import DecodeBatch, EventHook, EveryStep
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.transformer import Transformer
 
@@ -32,7 +32,8 @@ def decode(model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
     if params.mode != "ar" and mask_token_id is None:
         raise ValueError(f"mode {params.mode!r} needs a mask token, and this model has none")
     decoder = DECODERS[params.mode]
-    batch = DecodeBatch(model, seqs, mask_token_id, decoder.extra_slots(params.block_length), on_event)
+    batch = DecodeBatch(model, seqs, mask_token_id, decoder.extra_slots(params.block_length),
+                        EveryStep(on_event) if on_event is not None else None)
     emitted = 0
 
     def report() -> int:

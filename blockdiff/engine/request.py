@@ -32,7 +32,7 @@ class Request:
     on_update: Callable[[Update], None]  # called on the engine thread; must not block
     suffix_ids: list[int] | None = None  # fill-in-the-middle: the tokens after the gap
     # return_steps: on_step(kind, payload) gets this request's decoder events (see
-    # DecodeBatch's EventHook), on the engine thread; must not block
+    # the step events in decoding/batch.py), on the engine thread; must not block
     on_step: Callable[[str, dict], None] | None = None
     id: int = field(default_factory=lambda: next(_ids))
     arrival: float = field(default_factory=time.perf_counter)

@@ -177,8 +177,9 @@ class Engine:
             job.start()
             return Group(job, InfillJob.step, requests)
         decoder = DECODERS[seqs[0].params.mode]
-        batch = DecodeBatch(self.model, seqs, self.mask_token_id, decoder.extra_slots(seqs[0].params.block_length))
-        self.steps.attach(batch, requests)
+        self.steps.add(requests)
+        batch = DecodeBatch(self.model, seqs, self.mask_token_id, decoder.extra_slots(seqs[0].params.block_length),
+                            self.steps)
         decoder.start(batch)
         return Group(batch, decoder.step, requests)
 

@@ -3,7 +3,7 @@
 A request that sets `"return_steps": true` (with `"stream": true`) gets, interleaved with
 its normal chunks, chunks that carry no choices and one `blockdiff_step` object: what the
 decoder just did to the request's current block (a denoising pass, a draft, a verification,
-a commit). The engine thread hands raw per-row payloads over (DecodeBatch's EventHook);
+a commit). The engine thread hands raw per-row payloads over (decoding/batch.py's step events);
 here, on the event loop, they become JSON with per-slot texts. Requests without the flag
 never get an on_step callback, so their streams are unchanged, byte for byte.
 """
