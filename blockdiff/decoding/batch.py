@@ -107,14 +107,15 @@ class DecodeBatch:
         picks = self.pick(logits)
         return picks.tokens, picks.probs
 
-    def draft_tokens(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(B, K, hidden) draft-pass states of the K slots after each row's pending token ->
-        drafts (B, K) and probabilities as `pick_tokens` gives them. Greedy rows draft through
+    def draft_tokens(self, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, K, hidden) draft-pass states of the K slots after each row's pending token (and
+        their (B, K, V) logits, computed here when not given) -> drafts (B, K) and
+        probabilities as `pick_tokens` gives them. Greedy rows draft through
         the model's sampler head where it has one (each slot's pick conditioned on the pick
         before it); sampled rows draw from the pass's own distribution, which their
         acceptance test needs. Greedy rows under a grammar have forbidden drafts replaced
         (decoding/grammar.py). Drafts only propose: the verifier decides what is emitted."""
-        logits = self.model.logits(hidden)  # (B, K, V)
+        logits = self.model.logits(hidden) if logits is None else logits  # (B, K, V)
         drafts, probs = self._draft_picks(hidden, logits)
         for row, seq in enumerate(self.seqs):
             if seq.grammar is not None and seq.params.greedy:

@@ -65,11 +65,12 @@ def start(batch: DecodeBatch) -> None:
     _keep_drafts(batch, hidden[:, P + 1:P + L])
 
 
-def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor) -> None:
-    """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows and keep them (and their
-    probabilities when sampling) with each sequence for the next step; the token before d_1
-    is each row's pending token, which the sampler head (if any) conditions on."""
-    drafts, probs = batch.draft_tokens(hidden)  # (B, L-1)
+def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+    """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows (and their logits, if computed
+    already) and keep them (and their probabilities when sampling) with each sequence for the
+    next step; the token before d_1 is each row's pending token, which the sampler head (if
+    any) conditions on."""
+    drafts, probs = batch.draft_tokens(hidden, logits)  # (B, L-1)
     for row, seq in enumerate(batch.seqs):
         seq.draft, seq.draft_probs = drafts[row], None if probs is None else probs[row]
         if not seq.finished and batch.observed(row):  # a finished row's draft is never verified
@@ -96,12 +97,17 @@ def step(batch: DecodeBatch) -> None:
     gate = torch.zeros(B, L + L * L, dtype=torch.bool)
     gate[:, L:] = True  # the draft adapter serves MASK queries only, never the anchor chain
     hidden = batch.forward(tokens, fused_pattern(L), positions, gate)  # (B, L + L*L, hidden)
-    target_logits = batch.model.logits(hidden[:, :L])  # (B, L, V): anchor i predicts the slot after it
+    # sub-block j's slots 1..L-1 draft the next block if d_0..d_j are accepted; slot 0 is the
+    # bonus's slot. One head product scores the anchors and every candidate draft: the head
+    # is the largest weight, and which sub-block is needed is known only after verification.
+    candidates = hidden[:, L:].view(B, L, L, hidden.shape[-1])[:, :, 1:]  # (B, L, L-1, hidden)
+    logits = batch.model.logits(torch.cat([hidden[:, :L], candidates.flatten(1, 2)], dim=1))  # (B, L + L*(L-1), V)
+    target_logits = logits[:, :L]  # (B, L, V): anchor i predicts the slot after it
     verdicts = verify.accept_batch(batch, drafts, draft_probs, target_logits)
     for row, (accepted, bonus) in enumerate(verdicts):
         verify.commit_row(batch, row, drafts[row], accepted, bonus, target_logits[row])
     accepted = torch.tensor([a for a, _ in verdicts])  # (B,)
     batch.cache.advance((1 + accepted).tolist())  # anchors d_0..d_a are exact causal entries
-    # sub-block `accepted` assumed exactly d_0..d_accepted; its slot 0 is the bonus's slot
-    rows = L + accepted[:, None] * L + 1 + torch.arange(L - 1)  # (B, L-1)
-    _keep_drafts(batch, hidden[torch.arange(B)[:, None], rows.to(hidden.device)])
+    rows, chosen = torch.arange(B, device=hidden.device), accepted.to(hidden.device)
+    candidate_logits = logits[:, L:].view(B, L, L - 1, logits.shape[-1])  # (B, L, L-1, V)
+    _keep_drafts(batch, candidates[rows, chosen], candidate_logits[rows, chosen])
