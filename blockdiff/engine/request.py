@@ -43,11 +43,17 @@ class Request:
     done: bool = False
 
     @property
+    def mode(self) -> str:
+        """The label responses and metrics report: the decoding mode ("auto" resolved once the
+        request is scheduled), or "infill" for fill-in-the-middle."""
+        return "infill" if self.suffix_ids is not None else self.seq.params.mode
+
+    @property
     def group(self) -> tuple:
         """Requests in one group share a DecodeBatch; infilling runs alone."""
         if self.suffix_ids is not None:
-            return ("infill", self.id)
-        return (self.seq.params.mode, self.seq.params.block_length)
+            return (self.mode, self.id)
+        return (self.mode, self.seq.params.block_length)
 
     def report(self, error: str | None = None) -> Update | None:
         """Tell the caller what changed since the last report; returns the update sent."""

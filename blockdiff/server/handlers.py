@@ -54,7 +54,7 @@ class Call:
 def response_metrics(request: Request, update: Update) -> dict:
     m = update.metrics or {}
     queue = (request.scheduled - request.arrival) if request.scheduled is not None else 0.0
-    return {"mode": "infill" if request.suffix_ids is not None else request.seq.params.mode,
+    return {"mode": request.mode,
             "nfe": m.get("nfe"), "prefill_nfe": m.get("prefill_nfe"), "tpf": m.get("tpf"),
             "steps": m.get("steps"), "tokens_per_step": m.get("tokens_per_step"),
             "acceptance": m.get("acceptance"), "drafted_tokens": m.get("drafted_tokens"),

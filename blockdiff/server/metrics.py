@@ -56,7 +56,7 @@ class ServerMetrics:
 
     def observe(self, request: Request, update: Update) -> None:
         now = time.perf_counter()
-        labels = (self.model_name, request.seq.params.mode if request.suffix_ids is None else "infill")
+        labels = (self.model_name, request.mode)
         if update.new_tokens:
             self.generation_tokens.labels(*labels).inc(update.new_tokens)
             if request.sent == update.new_tokens:  # the first tokens of this request
