@@ -13,6 +13,14 @@ def extra_slots(block_length: int) -> int:
     return block_length
 
 
+def slots_to_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(k,) confidence of a pass's picks for k masked slots -> (k,) bool: every pick at least
+    `threshold` confident, and always the most confident one, so each pass makes progress."""
+    commit = confidence >= threshold
+    commit[confidence.argmax()] = True
+    return commit
+
+
 def start(batch: DecodeBatch) -> None:
     batch.prefill()
 
@@ -38,8 +46,7 @@ def step(batch: DecodeBatch) -> None:
                 continue
             slots = needed[row].nonzero()[:, 0]
             tokens, confidence = picks.tokens[row, slots], picks.confidence[row, slots]
-            commit = confidence >= seq.params.threshold
-            commit[confidence.argmax()] = True  # always progress by at least one slot
+            commit = slots_to_commit(confidence, seq.params.threshold)
             block[row, slots[commit]] = tokens[commit]
             needed[row, slots[commit]] = False
             # stop early once a stop token or a stop string is decoded with no MASK left of it

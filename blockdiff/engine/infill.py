@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from blockdiff.decoding.diffusion import slots_to_commit
 from blockdiff.decoding.sampler import pick
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.kv_cache import KVCache
@@ -61,8 +62,7 @@ class InfillJob:
         logits = self.model.logits(hidden[0, slots])  # (k, V): no shift, slot i predicts slot i
         picks = pick(logits[None], [seq.params], [seq.generator])
         tokens, confidence = picks.tokens[0], picks.confidence[0]  # (k,) each
-        commit = confidence >= seq.params.threshold
-        commit[confidence.argmax()] = True  # always progress by at least one slot
+        commit = slots_to_commit(confidence, seq.params.threshold)
         self.window[0, slots[commit]] = tokens[commit]
         self.open[slots[commit]] = False
         if not self.open[lo:hi].any():
