@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -14,7 +15,20 @@ from blockdiff.model.transformer import Transformer
 # on_step(mode, rows, tokens committed, seconds): one decode step, timed
 StepHook = Callable[[str, int, int, float], None]
 
-DECODERS = {"ar": ar, "diffusion": diffusion, "linear_spec": linear_spec, "quad_spec": quad_spec}
+class Decoder(Protocol):
+    """What each mode's module (ar.py, diffusion.py, linear_spec.py, quad_spec.py) provides."""
+
+    def extra_slots(self, block_length: int) -> int:
+        """KV-cache slots a sequence needs beyond its prompt and max_new_tokens."""
+
+    def start(self, batch: DecodeBatch) -> None:
+        """Prefill the batch's prompts and emit each sequence's first token."""
+
+    def step(self, batch: DecodeBatch) -> None:
+        """One decode step for every row; the driver retires finished rows afterwards."""
+
+
+DECODERS: dict[str, Decoder] = {"ar": ar, "diffusion": diffusion, "linear_spec": linear_spec, "quad_spec": quad_spec}
 
 
 @torch.inference_mode()
