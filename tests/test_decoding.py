@@ -54,9 +54,11 @@ def test_batch_gives_the_same_tokens_as_one_at_a_time(mode, temperature):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("max_new,block", [(1, 4), (5, 4), (13, 4), (32, 32), (33, 32), (7, 1)])
-def test_max_new_tokens_need_not_be_a_multiple_of_the_block(mode, max_new, block):
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_max_new_tokens_need_not_be_a_multiple_of_the_block(mode, max_new, block, temperature):
     model = tiny_model(2, vocab=24)
-    seq = run(model, [[1, 2, 3]], mode=mode, max_new_tokens=max_new, block_length=block)[0]
+    seq = run(model, [[1, 2, 3]], mode=mode, max_new_tokens=max_new, block_length=block, temperature=temperature,
+              seed=1)[0]
     assert len(seq.output_ids) == max_new
     assert seq.finish_reason == "length"
 

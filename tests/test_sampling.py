@@ -109,3 +109,11 @@ def test_a_rows_verdict_does_not_depend_on_its_batch():
         alone = accept(drafts[row:row + 1], draft_probs[row:row + 1], target[row:row + 1], [params], [generator])
         assert alone == ([verdict[0][row]], [verdict[1][row]])
     assert verdict[0][0] == 2  # the greedy row: the longest prefix the argmax agrees with
+
+
+def test_a_step_without_drafts_samples_the_token_after_them():
+    """Block length 1 verifies no drafts: the sampled row's token comes from p itself."""
+    target = torch.log(torch.tensor([[[0.0, 1.0, 0.0]]]))  # (1, K+1 = 1, V)
+    accepted, bonus = accept(torch.zeros(1, 0, dtype=torch.long), torch.zeros(1, 0, 3, dtype=torch.float64), target,
+                             [SamplingParams(temperature=1.0)], [torch.Generator().manual_seed(0)])
+    assert (accepted, bonus) == ([0], [1])

@@ -71,8 +71,8 @@ def row_probabilities(logits: torch.Tensor, params: list[SamplingParams], out: t
 def row_chunks(batch_size: int, device: torch.device) -> list[slice]:
     """The rows the device stage takes at once: the whole batch on an accelerator, so each op
     is one launch; one row on the CPU, where a row's (K, V) float64 intermediates stay in
-    cache while a whole batch's would stream through memory once per op (3-4x slower at
-    batch 16 with SmolLM2's vocabulary)."""
+    cache while a whole batch's would stream through memory once per op (several times
+    slower at batch 16 with SmolLM2's vocabulary)."""
     size = batch_size if device.type != "cpu" else 1
     return [slice(start, start + size) for start in range(0, batch_size, size)]
 

@@ -67,7 +67,7 @@ def _rejection_sample(drafts, draft_probs, target_logits, params, generators):
     accepted = passed.long().cumprod(1).sum(1)  # (B,): the first failed test, or K
     rows = torch.arange(B, device=u.device)
     p_at = p[rows, accepted]  # (B, V)
-    q_at = q[rows, accepted.clamp_max(K - 1)]  # (B, V); not read where every draft passed
+    q_at = q[rows, accepted.clamp_max(K - 1)] if K else torch.zeros_like(p_at)  # (B, V); unread where all passed
     residual = (p_at - q_at).clamp_min(0.0)  # (B, V)
     total = residual.sum(-1, keepdim=True)  # (B, 1)
     target = torch.where(total > 0, residual / total.clamp_min(1e-300), p_at)  # (B, V)
