@@ -114,7 +114,7 @@ def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
         pytest.skip("int4's kernel slows wide forwards; tests/test_quantize.py decodes int4 end to end")
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
                "List three prime numbers:"]
-    params = dict(max_new_tokens=40, temperature=0.0, ignore_eos=True, logprobs=2)
+    params = dict(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
 
     def result(outputs):
         return [(o.token_ids, o.logprobs) for o in outputs]
