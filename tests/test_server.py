@@ -10,8 +10,8 @@ import openai
 import pytest
 import torch
 
-from blockdiff.engine.infill import InfillJob
 from blockdiff.decoding.sequence import Sequence
+from blockdiff.engine.infill import InfillJob
 from blockdiff.sampling import SamplingParams
 from support.models import attach_random_draft_adapter, tiny_model
 from support.server import one_thread_llm, serving

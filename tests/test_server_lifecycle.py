@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blockdiff.engine.request import Update
 from blockdiff.decoding.sequence import Sequence
+from blockdiff.engine.request import Update
 from blockdiff.sampling import SamplingParams
 from blockdiff.server.streaming import TextTracker, held_back
 from support.models import tiny_tokenizer

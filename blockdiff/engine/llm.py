@@ -12,8 +12,8 @@ from blockdiff.decoding.grammar import GrammarCompiler
 from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.run import decode
-from blockdiff.engine.auto import AutoMode
 from blockdiff.decoding.sequence import Sequence
+from blockdiff.engine.auto import AutoMode
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
