@@ -1,0 +1,77 @@
+"""Which weight format multiplies fastest on this CPU, at the row counts the modes use.
+
+    .venv/bin/python benchmarks/kernels.py [--rows 1,8,32] [--repeats 3]
+
+Times the 120 per-layer products of SmolLM2-135M (fused q/k/v, fused gate/up, o, down; 30
+layers) with random weights that, like a real forward's, do not fit in cache, through each
+weight format the engine can use: oneDNN-packed float32 and bf16 (`model/lora.py`'s
+`linear`, where the CPU has a bf16 path), ATen's weight-only int8 (`_weight_int8pack_mm`)
+and int4 (`model/quantize.py`). Prints milliseconds per pass: a lower figure at 1 row favours
+`ar` and small batches, at 8-32 rows the spec modes' draft and verify passes.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+
+from blockdiff.model.lora import linear, pack_for_cpu
+from blockdiff.model.quantize import quantize_int4
+
+SHAPES = [(960, 576), (3072, 576), (576, 576), (576, 1536)] * 30  # (out, in) of one forward's products
+
+
+def int8_product(weight: torch.Tensor):
+    scale = weight.abs().amax(1) / 127  # (out,)
+    codes = (weight / scale[:, None]).round().to(torch.int8)  # (out, in)
+    return lambda x: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
+
+
+def formats() -> dict:
+    """name -> (weight -> product function), for the formats this CPU supports."""
+    out = {"float32 packed": lambda w: (lambda p: lambda x: linear(x, w, p))(pack_for_cpu(w))}
+    if pack_for_cpu(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None:
+        out["bf16 packed"] = lambda w: (lambda b: (lambda p: lambda x: linear(x.bfloat16(), b, p))(pack_for_cpu(b)))(
+            w.bfloat16())
+    out["int8 weight-only"] = int8_product
+    out["int4 weight-only"] = lambda w: quantize_int4(w)
+    return out
+
+
+def time_pass(products, rows: int, repeats: int) -> float:
+    inputs = {fan_in: torch.randn(rows, fan_in) for fan_in in (576, 1536)}
+
+    def one_pass():
+        for product, (_, fan_in) in zip(products, SHAPES):
+            product(inputs[fan_in])
+
+    one_pass()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        one_pass()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", default="1,8,32")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    rows = [int(r) for r in args.rows.split(",")]
+    weights = [torch.randn(out, inp) * 0.02 for out, inp in SHAPES]
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, 2 threads; "
+          f"ms per pass of {len(SHAPES)} products")
+    print("| format | " + " | ".join(f"{r} row{'s' * (r > 1)}" for r in rows) + " |\n|---|" + "---|" * len(rows))
+    with torch.inference_mode():
+        for name, make in formats().items():
+            products = [make(w) for w in weights]
+            print(f"| {name} | " + " | ".join(f"{time_pass(products, r, args.repeats):.1f}" for r in rows) + " |",
+                  flush=True)
+            del products
+
+
+if __name__ == "__main__":
+    main()
