@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow  # processes, servers or a browser: `make test` on
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "blockdiff_qa_choice,blockdiff_qa,blockdiff_code"
-LIMIT = 8
+LIMIT = 4
 STOPS = {"blockdiff_qa": ["\n"], "blockdiff_code": ["\ndef ", "\nclass ", "\nif __name__", "\n#"]}
 MAX_TOKENS = {"blockdiff_qa": 16, "blockdiff_code": 64}
 
