@@ -27,6 +27,10 @@ class InvalidParameter(ValueError):
         self.param = param
 
 
+class ContextLengthExceeded(InvalidParameter):
+    """A prompt, or a prompt and its max_new_tokens, that does not fit the model's context."""
+
+
 @dataclass
 class SamplingParams:
     mode: str = "ar"

@@ -111,6 +111,19 @@ def test_bad_input_gets_a_clear_error(server, path, body, status, param):
     assert httpx.get(server.url + "/health").status_code == 200
 
 
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {**OK, "prompt": "the cat sat on the mat " * 200}, "prompt"),
+    ("/v1/completions", {**OK, "max_tokens": 100_000}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "cat " * 600}]}, "messages"),
+    ("/v1/completions", {**OK, "prompt": "the cat", "suffix": " sat on the mat" * 200, "mode": "diffusion"}, "prompt"),
+])
+def test_what_does_not_fit_the_context_says_so(server, path, body, param):
+    """LLM.make_sequence checks every prompt (a fill-in-the-middle suffix counted) for both front
+    ends; the server names the request's own field and OpenAI's code."""
+    error = assert_error(httpx.post(server.url + path, json=body, timeout=30), 400, param)
+    assert error["code"] == "context_length_exceeded" and "context" in error["message"]
+
+
 @pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b"", b'{"prompt": "\\ud800", "max_tokens": 2}',
                                  b'{"prompt": "a", "stop": ["\\udfff"]}', b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                                  b'{"prompt": "a", "user": ' + b'{"a": ' * 40 + b"1" + b"}" * 40 + b"}"])

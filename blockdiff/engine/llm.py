@@ -19,7 +19,7 @@ from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import SamplingParams
+from blockdiff.sampling import ContextLengthExceeded, InvalidParameter, SamplingParams
 
 @dataclass
 class RequestOutput:
@@ -71,26 +71,36 @@ class LLM:
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
-    def encode(self, prompt: str | list[int], *, chat: bool = False) -> list[int]:
+    def encode(self, prompt: str | list[int], *, chat: bool = False, reserved: int = 0) -> list[int]:
+        """A prompt's token ids, checked: not empty, in the vocabulary, and shorter than the
+        context with `reserved` more tokens (an infilling suffix) beside it. Raises
+        InvalidParameter("prompt"), ContextLengthExceeded when it does not fit."""
         if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty")
-            ids = self.tokenizer.encode(prompt, add_special_tokens=not chat)
+            ids = self.tokenizer.encode(prompt, add_special_tokens=not chat) if prompt else []
         else:
             ids = [int(t) for t in prompt]
         if not ids:
-            raise ValueError("prompt is empty")
-        if len(ids) >= self.max_context:
-            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.max_context}")
+            raise InvalidParameter("prompt", "prompt is empty")
+        outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
+        if outside:
+            raise InvalidParameter("prompt", f"token id {outside[0]} is outside the vocabulary "
+                                             f"[0, {self.config.vocab_size})")
+        if len(ids) + reserved >= self.max_context:
+            raise ContextLengthExceeded("prompt", f"prompt is {len(ids) + reserved} tokens; the model's context "
+                                                  f"is {self.max_context}")
         return ids
 
-    def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False) -> Sequence:
-        """A request's decoding state; raises ValueError (GrammarError for a structured-output
-        grammar that does not compile) naming what is wrong."""
-        ids = self.encode(prompt, chat=chat)
-        if len(ids) + params.max_new_tokens > self.max_context:
-            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
-                             f"exceeds the model's context of {self.max_context}")
+    def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False,
+                      reserved: int = 0) -> Sequence:
+        """A request's decoding state, the one place a prompt is checked for both the library and
+        the server: raises InvalidParameter naming the field (ContextLengthExceeded when the prompt,
+        `reserved` suffix tokens and max_new_tokens do not fit; GrammarError for a
+        structured-output grammar that does not compile)."""
+        ids = self.encode(prompt, chat=chat, reserved=reserved)
+        if len(ids) + reserved + params.max_new_tokens > self.max_context:
+            raise ContextLengthExceeded("max_new_tokens", f"prompt ({len(ids) + reserved} tokens) + max_new_tokens "
+                                                          f"({params.max_new_tokens}) exceeds the model's context of "
+                                                          f"{self.max_context}")
         spec = params.structured_outputs
         return Sequence(ids, params, frozenset(self.tokenizer.eos_token_ids), self.tokenizer.decode,
                         grammar=self.grammars.grammar(spec) if spec is not None else None)

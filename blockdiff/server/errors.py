@@ -4,7 +4,7 @@ from __future__ import annotations
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from blockdiff.sampling import InvalidParameter
+from blockdiff.sampling import ContextLengthExceeded, InvalidParameter
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
          413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error",
@@ -29,9 +29,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def from_invalid_parameter(e: InvalidParameter) -> APIError:
-    param = PARAM_NAMES.get(e.param, e.param)
-    return APIError(400, str(e).replace("max_new_tokens", "max_tokens"), param, "invalid_value")
+def from_invalid_parameter(e: InvalidParameter, prompt_param: str = "prompt") -> APIError:
+    """The 400 for a library error, named as the request names the field ("max_tokens" for
+    max_new_tokens, "messages" for a chat's prompt); too long for the context is OpenAI's
+    context_length_exceeded."""
+    param = prompt_param if e.param == "prompt" else PARAM_NAMES.get(e.param, e.param)
+    code = "context_length_exceeded" if isinstance(e, ContextLengthExceeded) else "invalid_value"
+    return APIError(400, str(e).replace("max_new_tokens", "max_tokens"), param, code)
 
 
 def from_validation_error(e: ValidationError) -> APIError:

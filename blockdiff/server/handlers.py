@@ -14,10 +14,11 @@ from dataclasses import dataclass
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from blockdiff.decoding.grammar import GrammarError
 from blockdiff.engine.request import Request, Update
 from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
-from blockdiff.decoding.grammar import GrammarError
-from blockdiff.server.errors import APIError, error_body
+from blockdiff.sampling import InvalidParameter
+from blockdiff.server.errors import APIError, error_body, from_invalid_parameter
 from blockdiff.server.logprobs import LogprobFormatter, StreamedLogprobs
 from blockdiff.server.prepare import Prepared
 from blockdiff.server.steps import Step, StepBacklog, StepFormatter, step_chunk
@@ -78,9 +79,11 @@ def submit(engine: Engine, llm, prepared: list[Prepared], backlog: StepBacklog |
     requests = []
     for index, p in enumerate(prepared):
         try:
-            seq = llm.make_sequence(p.prompt_ids, p.params)
+            seq = llm.make_sequence(p.prompt_ids, p.params, reserved=len(p.suffix_ids or []))
         except GrammarError as e:  # a grammar that compiles alone but not against this vocabulary
             raise APIError(400, str(e), "structured_outputs", "invalid_value") from None
+        except InvalidParameter as e:  # the prompt is empty, off the vocabulary or too long
+            raise from_invalid_parameter(e, prompt_param=p.prompt_param) from None
         on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
         on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(backlog.offer, i, Step(kind, payload)))
                    if backlog is not None else None)

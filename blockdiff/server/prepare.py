@@ -20,6 +20,7 @@ class Prepared:
     params: SamplingParams
     suffix_ids: list[int] | None = None
     echo_text: str | None = None  # completions with echo: the prompt's text, sent before the output
+    prompt_param: str = "prompt"  # the request field the prompt came from, for error bodies
 
 
 # vLLM's guided_* fields -> the StructuredOutputs field each sets
@@ -148,21 +149,12 @@ def check_ids(ids: list[int], vocab: int, param: str) -> None:
         raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param, "invalid_value")
 
 
-def _fit(llm, prompt_ids: list[int], req: CommonRequest, requested: int | None, default: int | None,
-         param: str, extra: int = 0) -> int:
-    """Check prompt (+ suffix) and max_tokens against the context; returns max_tokens."""
-    context = llm.max_context
-    used = len(prompt_ids) + extra
-    if not prompt_ids:
-        raise APIError(400, f"{param} is empty", param, "invalid_value")
-    if used >= context:
-        raise APIError(400, f"the prompt is {used} tokens; this model's context is {context}",
-                       param, "context_length_exceeded")
-    max_tokens = requested if requested is not None else (default if default is not None else context - used)
-    if max_tokens > 0 and used + max_tokens > context:
-        raise APIError(400, f"max_tokens ({max_tokens}) + prompt ({used} tokens) exceeds this model's "
-                       f"context of {context}", "max_tokens", "context_length_exceeded")
-    return max_tokens
+def _max_tokens(llm, prompt_ids: list[int], requested: int | None, default: int | None) -> int:
+    """max_tokens as asked, else the endpoint's default, else what the context leaves (at least
+    1: whether the prompt fits is `LLM.make_sequence`'s check, made when the request is submitted)."""
+    if requested is not None:
+        return requested
+    return default if default is not None else max(1, llm.max_context - len(prompt_ids))
 
 
 def _mode(req: CommonRequest, cfg: ServerConfig, llm, infill: bool) -> str:
@@ -197,9 +189,7 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
             ids = llm.tokenizer.encode(prompt, add_special_tokens=True) if prompt else []
         else:
             ids = list(prompt)
-            check_ids(ids, llm.config.vocab_size, "prompt")
-        max_tokens = _fit(llm, ids, req, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS, "prompt",
-                          len(suffix_ids or []))
+        max_tokens = _max_tokens(llm, ids, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
         echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else None
         out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured), suffix_ids, echo_text))
     check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
@@ -230,6 +220,6 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     text = render_chat(llm, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = _fit(llm, ids, req, requested, None, "messages")
+    max_tokens = _max_tokens(llm, ids, requested, None)
     check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
-    return Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured_outputs(req)))
+    return Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured_outputs(req)), prompt_param="messages")
