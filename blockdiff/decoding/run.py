@@ -15,6 +15,7 @@ from blockdiff.model.transformer import Transformer
 # on_step(mode, rows, tokens committed, seconds): one decode step, timed
 StepHook = Callable[[str, int, int, float], None]
 
+
 class Decoder(Protocol):
     """What each mode's module (ar.py, diffusion.py, linear_spec.py, quad_spec.py) provides."""
 

@@ -1,8 +1,8 @@
 """Routing the decoders' step events to the requests that asked for them (`return_steps`).
 
 Many requests share one DecodeBatch, and rows move when sequences retire or batches merge;
-the batch hands the router each event's Sequence, and the router finds its request by it. Rows whose request
-did not ask are not observed at all: the decoders build no payload for them.
+the batch hands the router each event's Sequence, and the router finds its request by it.
+Rows whose request did not ask are not observed at all: the decoders build no payload for them.
 """
 from __future__ import annotations
 
