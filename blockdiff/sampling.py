@@ -31,6 +31,13 @@ class ContextLengthExceeded(InvalidParameter):
     """A prompt, or a prompt and its max_new_tokens, that does not fit the model's context."""
 
 
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Refuse token ids outside [0, vocab_size), naming the field they came in."""
+    outside = [t for t in ids if not 0 <= t < vocab_size]
+    if outside:
+        raise InvalidParameter(param, f"token id {outside[0]} is outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass
 class SamplingParams:
     mode: str = "ar"

@@ -19,7 +19,7 @@ from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import ContextLengthExceeded, InvalidParameter, SamplingParams
+from blockdiff.sampling import ContextLengthExceeded, InvalidParameter, SamplingParams, check_token_ids
 
 @dataclass
 class RequestOutput:
@@ -81,10 +81,7 @@ class LLM:
             ids = [int(t) for t in prompt]
         if not ids:
             raise InvalidParameter("prompt", "prompt is empty")
-        outside = [t for t in ids if not 0 <= t < self.config.vocab_size]
-        if outside:
-            raise InvalidParameter("prompt", f"token id {outside[0]} is outside the vocabulary "
-                                             f"[0, {self.config.vocab_size})")
+        check_token_ids(ids, self.config.vocab_size, "prompt")
         if len(ids) + reserved >= self.max_context:
             raise ContextLengthExceeded("prompt", f"prompt is {len(ids) + reserved} tokens; the model's context "
                                                   f"is {self.max_context}")

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from blockdiff.decoding.grammar import GrammarError, StructuredOutputs
 from blockdiff.decoding.logprobs import MAX_LOGPROBS
-from blockdiff.sampling import InvalidParameter, SamplingParams
+from blockdiff.sampling import InvalidParameter, SamplingParams, check_token_ids
 from blockdiff.server.config import ServerConfig
 from blockdiff.server.errors import APIError, from_invalid_parameter
 from blockdiff.server.protocol import ChatMessage, ChatRequest, CommonRequest, CompletionRequest
@@ -144,9 +144,11 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
 
 
 def check_ids(ids: list[int], vocab: int, param: str) -> None:
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", param, "invalid_value")
+    """`sampling.check_token_ids` as a 400 naming `param`."""
+    try:
+        check_token_ids(ids, vocab, param)
+    except InvalidParameter as e:
+        raise from_invalid_parameter(e) from None
 
 
 def _max_tokens(llm, prompt_ids: list[int], requested: int | None, default: int | None) -> int:
