@@ -4,8 +4,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from support.models import run, tiny_model
-from blockdiff.decoding.run import decode
+from support.models import decode, run, tiny_model
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.sampling import SamplingParams
 
@@ -97,7 +96,7 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
     """Rows retire mid-decode (different lengths, EOS); each event's row must name, at emit
     time, the sequence it is about: its commits are then exactly that sequence's output."""
     from blockdiff.decoding.batch import DecodeBatch
-    from blockdiff.decoding.run import DECODERS
+    from blockdiff.decoding.decoders import DECODERS
     from blockdiff.decoding.sequence import Sequence
     from blockdiff.sampling import SamplingParams
 
@@ -116,7 +115,7 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
             assert seq is batch.seqs[payload["row"]]
             events[id(seq)].append((kind, payload))
 
-    batch = DecodeBatch(model, seqs, model.config.mask_token_id, decoder.extra_slots(4), Recorder())
+    batch = DecodeBatch(model, seqs, decoder.extra_slots(4), Recorder())
     with torch.inference_mode():
         decoder.start(batch)
         batch.retire()
@@ -141,7 +140,7 @@ def test_diffusion_ends_a_block_at_a_stop_string_without_denoising_past_it():
     free = run(model, [[1, 2, 3]], **params)[0]
     stop = letters(free.output_ids[2:4])
     seq = Sequence([1, 2, 3], SamplingParams(stop=[stop], **params), detokenize=letters)
-    decode(model, [seq], model.config.mask_token_id)
+    decode(model, [seq])
     text = letters(free.output_ids)
     assert letters(seq.output_ids) == text[:text.index(stop)] and seq.finish_reason == "stop"
     # threshold 1 fills one slot per pass: the free run needed 15; this one stopped once the

@@ -74,9 +74,9 @@ def test_a_stop_string_cuts_the_logprobs_with_the_tokens():
     if not stop.strip():
         pytest.skip("the model's text has no usable stop string")
     from blockdiff.decoding.sequence import Sequence
-    from blockdiff.decoding.run import decode
+    from support.models import decode
     seq = Sequence(prompt, SamplingParams(max_new_tokens=12, stop=[stop], logprobs=0), frozenset(), tok.decode)
-    decode(model, [seq], model.config.mask_token_id)
+    decode(model, [seq])
     assert seq.finish_reason == "stop" and len(seq.output_ids) < 12
     assert [lp.token_id for lp in seq.logprobs] == seq.output_ids
 

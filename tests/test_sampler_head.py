@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from blockdiff.decoding.batch import DecodeBatch
-from blockdiff.decoding.run import decode
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import load_adapter, save_adapter
 from blockdiff.model.sampler_head import SamplerHead
 from blockdiff.sampling import SamplingParams, probabilities
 from blockdiff.train.objective import ObjectiveConfig, ObjectiveModule, add_noise
-from support.models import attach_random_draft_adapter, run, tiny_model
+from support.models import attach_random_draft_adapter, decode, run, tiny_model
 
 
 def random_head(model, seed: int = 0, top_k: int = 4) -> SamplerHead:
@@ -73,7 +72,7 @@ def test_spec_modes_stay_lossless_with_a_head_and_it_round_trips(tmp_path):
 def drafted(model) -> list[list[int]]:
     events = []
     seqs = [Sequence([1, 2, 3], SamplingParams(mode="linear_spec", max_new_tokens=20, block_length=5))]
-    decode(model, seqs, model.config.mask_token_id, on_event=lambda kind, p: kind == "draft" and events.append(p["drafts"]))
+    decode(model, seqs, on_event=lambda kind, p: kind == "draft" and events.append(p["drafts"]))
     return events
 
 
@@ -87,7 +86,7 @@ def test_sampled_rows_draft_from_the_pass_and_greedy_rows_through_the_head():
     model.sampler_head = random_head(model, seed=1)
     seqs = [Sequence([1, 2], SamplingParams(temperature=0.0, max_new_tokens=4, block_length=4)),
             Sequence([1, 2], SamplingParams(temperature=1.0, seed=3, max_new_tokens=4, block_length=4))]
-    batch = DecodeBatch(model, seqs, model.config.mask_token_id, extra_slots=4)
+    batch = DecodeBatch(model, seqs, extra_slots=4)
     for seq in seqs:
         seq.pending = 5
     hidden = torch.randn(2, 3, model.config.hidden_size)

@@ -206,7 +206,7 @@ def test_infill_runs_the_draft_adapter_like_diffusion():
     model = attach_random_draft_adapter(tiny_model(6, vocab=24))
     prefix, suffix, mask = [1, 2, 3], [4, 5], model.config.mask_token_id
     seq = Sequence(prefix, SamplingParams(mode="diffusion", max_new_tokens=6, block_length=3, threshold=0.6))
-    job = InfillJob(model, seq, suffix, mask)
+    job = InfillJob(model, seq, suffix)
     with torch.inference_mode():
         job.start()
         while not seq.finished:

@@ -235,8 +235,12 @@ def test_full_queue_gets_429_and_a_stopped_engine_503(llm):
     config = ServerConfig(model=llm.model_path, max_running_requests=1, max_queue=1, block_length=4)
     app = build_app(llm, config)
     engine = app.state.engine
-    step = engine._step_all
-    engine._step_all = lambda: (time.sleep(0.01), step())  # slow enough to fill the queue on purpose
+    step = engine.scheduler.step
+
+    def slow_step():  # slow enough to fill the queue on purpose
+        time.sleep(0.01)
+        return step()
+    engine.scheduler.step = slow_step
     srv = ServerThread(app).start()
     long = {"prompt": "the cat", "max_tokens": 300, "ignore_eos": True, "stream": True, "mode": "ar"}
     streams, stop = [], threading.Event()

@@ -34,25 +34,11 @@ class StepObserver(Protocol):
     def event(self, kind: str, seq: Sequence, payload: dict) -> None: ...
 
 
-class EveryStep:
-    """A StepObserver that hands every row's events to one callback(kind, payload)."""
-
-    def __init__(self, hook: EventHook):
-        self.hook = hook
-
-    def wants(self, seq: Sequence) -> bool:
-        return True
-
-    def event(self, kind: str, seq: Sequence, payload: dict) -> None:
-        self.hook(kind, payload)
-
-
 class DecodeBatch:
-    def __init__(self, model: Transformer, seqs: list[Sequence], mask_token_id: int | None,
-                 extra_slots: int, observer: StepObserver | None = None):
+    def __init__(self, model: Transformer, seqs: list[Sequence], extra_slots: int,
+                 observer: StepObserver | None = None):
         self.model = model
         self.seqs = list(seqs)
-        self.mask_token_id = mask_token_id
         self.block_length = seqs[0].params.block_length
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
         self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
@@ -143,7 +129,7 @@ class DecodeBatch:
         return torch.tensor([[0 if s.pending is None else s.pending] for s in self.seqs], dtype=torch.long)  # (B, 1)
 
     def masks(self, width: int) -> torch.Tensor:
-        return torch.full((len(self.seqs), width), self.mask_token_id, dtype=torch.long)  # (B, width)
+        return torch.full((len(self.seqs), width), self.model.config.mask_token_id, dtype=torch.long)  # (B, width)
 
     def observed(self, row: int) -> bool:
         """Whether an event about this row has a listener; decoders build payloads only then."""

@@ -29,7 +29,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
     grammar: Grammar | None = None  # params.structured_outputs' matcher, following output_ids
     metrics: Metrics = field(default_factory=Metrics)
-    start_time: float = field(default_factory=time.perf_counter)
+    arrival: float = field(default_factory=time.perf_counter)  # the request's clock: ttft_s and wall_s count from here
 
     def __post_init__(self):
         self.metrics.prompt_tokens = len(self.prompt_ids)
@@ -65,7 +65,7 @@ class Sequence:
             if self.finished:
                 break
             if not self.output_ids:
-                self.metrics.ttft_s = time.perf_counter() - self.start_time
+                self.metrics.ttft_s = time.perf_counter() - self.arrival
             self.output_ids.append(token)
             kept += 1
             if self.grammar is not None:
@@ -90,7 +90,7 @@ class Sequence:
     def _settle(self) -> None:
         self.metrics.generated_tokens = len(self.output_ids)
         if self.finished:
-            self.metrics.wall_s = time.perf_counter() - self.start_time
+            self.metrics.wall_s = time.perf_counter() - self.arrival
         self.pending = self.output_ids[-1] if self.output_ids else None
 
     def completes_stop_string(self, tokens: list[int]) -> bool:

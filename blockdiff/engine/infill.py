@@ -29,13 +29,11 @@ from blockdiff.model.transformer import Transformer
 
 
 class InfillJob:
-    def __init__(self, model: Transformer, seq: Sequence, suffix_ids: list[int], mask_token_id: int | None):
-        if mask_token_id is None:
-            raise ValueError("infilling needs a mask token, and this model has none")
+    def __init__(self, model: Transformer, seq: Sequence, suffix_ids: list[int]):
         self.model = model
         self.seq = seq
         self.width = seq.params.max_new_tokens  # N
-        self.window = torch.tensor([[mask_token_id] * self.width + list(suffix_ids)])  # (1, N+S)
+        self.window = torch.tensor([[model.config.mask_token_id] * self.width + list(suffix_ids)])  # (1, N+S)
         self.drafting = torch.ones_like(self.window, dtype=torch.bool)  # adapter gate: the whole window
         self.open = torch.ones(self.width, dtype=torch.bool)  # middle slots not yet committed
         self.block_start = 0

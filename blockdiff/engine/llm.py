@@ -11,9 +11,10 @@ from blockdiff.decoding.batch import EventHook
 from blockdiff.decoding.grammar import GrammarCompiler
 from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
-from blockdiff.decoding.run import decode
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.auto import AutoMode
+from blockdiff.engine.request import Request
+from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
@@ -64,8 +65,25 @@ class LLM:
         self.model.prepare_for_inference(quantization)
         self.model_path = source.path
         self.max_batch_size = max_batch_size
-        # learns from every decode step, whatever its mode; spec modes need a mask token
+        # learns from every decode step of every scheduler, whatever its mode; spec modes need a mask token
         self.auto = AutoMode(tuple(auto_modes) if self.config.mask_token_id is not None else ("ar",))
+
+    def make_scheduler(self, max_running: int | None = None) -> Scheduler:
+        """The driver of every decode: generate() makes one per call, the server's engine thread
+        one for its lifetime. They share this model and the `auto` selector."""
+        return Scheduler(self.model, self.auto, max_running or self.max_batch_size)
+
+    def auto_mode_report(self) -> dict:
+        """mode="auto"'s candidates and what it has measured so far, by load."""
+        return {"candidates": list(self.auto.candidates), "measured": self.auto.report()}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
 
     @property
     def max_context(self) -> int:
@@ -90,10 +108,14 @@ class LLM:
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False,
                       reserved: int = 0) -> Sequence:
         """A request's decoding state, the one place a prompt is checked for both the library and
-        the server: raises InvalidParameter naming the field (ContextLengthExceeded when the prompt,
-        `reserved` suffix tokens and max_new_tokens do not fit; GrammarError for a
-        structured-output grammar that does not compile)."""
+        the server: raises InvalidParameter naming the field (the mode, when it needs a mask token
+        the model lacks; ContextLengthExceeded when the prompt, `reserved` suffix tokens and
+        max_new_tokens do not fit; GrammarError for a structured-output grammar that does not
+        compile)."""
         ids = self.encode(prompt, chat=chat, reserved=reserved)
+        if params.mode not in ("ar", "auto") and self.config.mask_token_id is None:
+            raise InvalidParameter("mode", f"mode {params.mode!r} needs a mask token and this model has none; "
+                                           f"use 'ar'")
         if len(ids) + reserved + params.max_new_tokens > self.max_context:
             raise ContextLengthExceeded("max_new_tokens", f"prompt ({len(ids) + reserved} tokens) + max_new_tokens "
                                                           f"({params.max_new_tokens}) exceeds the model's context of "
@@ -105,9 +127,11 @@ class LLM:
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, on_event: EventHook | None = None, chat: bool = False,
                  **kwargs) -> list[RequestOutput]:
-        """Decode every prompt; sequences that share mode and block length are batched together.
+        """Decode every prompt on the scheduler: sequences that share mode and block length are
+        batched together, up to max_batch_size sequences at a time across all modes.
 
         Extra keyword arguments build the SamplingParams: llm.generate(p, mode="diffusion").
+        on_event(kind, payload) hears every sequence's step events (decoding/batch.py).
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -119,26 +143,19 @@ class LLM:
         param_list = params if isinstance(params, list) else [params] * len(prompts)
         if len(param_list) != len(prompts):
             raise ValueError(f"{len(param_list)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self.make_sequence(p, sp, chat=chat) for p, sp in zip(prompts, param_list)]
-        self.resolve_auto(seqs)
-        groups: dict[tuple, list[Sequence]] = {}
-        for seq in seqs:
-            groups.setdefault((seq.params.mode, seq.params.block_length), []).append(seq)
-        total = sum(s.params.max_new_tokens for s in seqs)
+        requests = [Request(self.make_sequence(p, sp, chat=chat), on_step=on_event)
+                    for p, sp in zip(prompts, param_list)]
+        scheduler = self.make_scheduler()
+        for request in requests:
+            scheduler.add(request)
+        total = sum(sp.max_new_tokens for sp in param_list)
         with tqdm(total=total, unit="tok", desc="generate", disable=not use_tqdm, leave=False) as bar:
-            for group in groups.values():
-                for i in range(0, len(group), self.max_batch_size):
-                    decode(self.model, group[i:i + self.max_batch_size], self.config.mask_token_id,
-                           on_event, bar.update, self.auto.record)
-        return [self._output(p, s) for p, s in zip(prompts, seqs)]
-
-    def resolve_auto(self, seqs: list[Sequence]) -> None:
-        """Give mode="auto" sequences the mode measured fastest at this batch size."""
-        auto = [s for s in seqs if s.params.mode == "auto"]
-        if auto:
-            mode = self.auto.choose(min(len(auto), self.max_batch_size))
-            for seq in auto:
-                seq.params = dataclasses.replace(seq.params, mode=mode)
+            for _, update in scheduler.drain():
+                bar.update(update.new_tokens)
+        failed = next((r for r in requests if r.exception is not None), None)
+        if failed is not None:
+            raise failed.exception
+        return [self._output(p, r.seq) for p, r in zip(prompts, requests)]
 
     def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
              **kwargs) -> list[RequestOutput]:

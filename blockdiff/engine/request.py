@@ -1,13 +1,16 @@
-"""One request as the serving engine sees it: its Sequence, how to tell the caller about
-progress, and the timestamps the server's latency metrics are made of."""
+"""One request as the scheduler sees it: its Sequence, how to tell the caller about progress,
+and the timestamps the server's latency metrics are made of (arrival is the Sequence's)."""
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blockdiff.decoding.batch import EventHook
 from blockdiff.decoding.logprobs import TokenLogprob
+from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
 
 _ids = itertools.count()
@@ -20,27 +23,33 @@ class Update:
     new_tokens: int  # how many tokens this step committed for the request
     finish_reason: str | None  # None while running; "stop", "length", "abort" or "error"
     stop_text_end: int | None = None
-    metrics: dict | None = None  # Metrics.to_dict() once finished
+    metrics: Metrics | None = None  # a copy, once finished
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    time: float = field(default_factory=time.perf_counter)  # when the scheduler made it
+    since_previous: float | None = None  # seconds since the request's previous update; None for its first
 
 
 @dataclass
 class Request:
     seq: Sequence
-    on_update: Callable[[Update], None]  # called on the engine thread; must not block
+    on_update: Callable[[Update], None] | None = None  # the server's delivery (server/engine.py)
     suffix_ids: list[int] | None = None  # fill-in-the-middle: the tokens after the gap
     # return_steps: on_step(kind, payload) gets this request's decoder events (see
     # the step events in decoding/batch.py), on the engine thread; must not block
-    on_step: Callable[[str, dict], None] | None = None
+    on_step: EventHook | None = None
     id: int = field(default_factory=lambda: next(_ids))
-    arrival: float = field(default_factory=time.perf_counter)
-    scheduled: float | None = None  # when the engine admitted it (queue time ends)
-    last_commit: float | None = None
+    scheduled: float | None = None  # when the scheduler admitted it (queue time ends)
+    last_update: float | None = None
     sent: int = 0  # tokens already reported
-    aborted: bool = False  # set from any thread; the engine acts on it before its next step
+    aborted: bool = False  # set from any thread; the scheduler acts on it before its next step
     done: bool = False
+    exception: Exception | None = None  # what ended it with an error update
+
+    @property
+    def arrival(self) -> float:
+        return self.seq.arrival
 
     @property
     def mode(self) -> str:
@@ -56,7 +65,7 @@ class Request:
         return (self.mode, self.seq.params.block_length)
 
     def report(self, error: str | None = None) -> Update | None:
-        """Tell the caller what changed since the last report; returns the update sent."""
+        """What changed since the last report, as an Update; None when nothing did."""
         if self.done:
             return None
         seq = self.seq
@@ -66,9 +75,11 @@ class Request:
             return None
         self.sent = len(seq.output_ids)
         self.done = reason is not None
-        metrics = {**seq.metrics.to_dict(), "verify_steps": seq.metrics.verify_steps} if self.done else None
+        metrics = copy.deepcopy(seq.metrics) if self.done else None
         logprobs = list(seq.logprobs) if seq.params.logprobs is not None else None  # records are frozen
         update = Update(list(seq.output_ids), max(new, 0), reason, seq.stop_text_end, metrics, error,
                         logprobs, seq.prompt_logprobs)
-        self.on_update(update)
+        if self.last_update is not None:
+            update.since_previous = update.time - self.last_update
+        self.last_update = update.time
         return update

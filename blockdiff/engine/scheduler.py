@@ -1,48 +1,43 @@
-"""The serving engine: one thread owns the model and runs continuous batching.
+"""The scheduler: continuous batching of requests in every mode, one synchronous step at a time.
 
-Each iteration admits waiting requests (up to max_running), prefills the newcomers of each
-(mode, block_length) group as a batch of their own and merges them into that group's
-running DecodeBatch, then runs one decode step of every group, round-robin. Groups in
-different modes share the iteration, not a forward. Every row keeps its own cache length,
-generator and draft state, so a sequence's tokens do not depend on who shares its batch:
-at temperature 0 the results equal unbatched `LLM.generate`.
+`add` queues a request. `step` admits waiting requests (up to `max_running` sequences across
+all groups), prefills the newcomers of each (mode, block_length) group as a batch of their own
+and merges them into that group's running DecodeBatch, then runs one decode step of every group
+in the order the groups started, and returns an Update for each request that made progress.
+Groups in different modes share the step, not a forward. Every row keeps its own cache length,
+generator and draft state, so a sequence's tokens do not depend on who shares its batch.
+
+Both front ends drive this one object: `LLM.generate` adds its prompts and `drain`s it; the
+server's engine thread (server/engine.py) steps it while requests wait or run. One thread owns
+a scheduler: nothing here takes a lock.
+
+Load, for mode="auto", is the number of sequences decoding together across every group: a
+request's mode is chosen when it is admitted, at the load it joins (the sequences running plus
+the newcomers admitted with it), and every decode step reports its throughput at the load it
+ran under.
+
+A failure (prefill or a decode step raising, e.g. out of memory) ends the requests of that
+group with an error update and the exception on `Request.exception`; the other groups go on.
 """
 from __future__ import annotations
 
 import dataclasses
-import logging
-import threading
 import time
-import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from blockdiff.decoding.batch import DecodeBatch
-from blockdiff.decoding.run import DECODERS
+from blockdiff.decoding.decoders import DECODERS
 from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.infill import InfillJob
 from blockdiff.engine.request import Request, Update
 from blockdiff.engine.steps import StepRouter
+from blockdiff.model.transformer import Transformer
 
-log = logging.getLogger("blockdiff.engine")
-Observer = Callable[[Request, Update], None]
-
-
-class QueueFull(RuntimeError):
-    """More requests are waiting than --max-queue allows."""
-
-
-class EngineStopped(RuntimeError):
-    """The engine is shutting down or has died."""
-
-
-@dataclass
-class EngineConfig:
-    max_running_requests: int = 32  # sequences decoded together, across all groups
-    max_queue: int = 256  # requests allowed to wait for a slot; more are refused
+Progress = list[tuple[Request, Update]]
 
 
 @dataclass
@@ -52,56 +47,17 @@ class Group:
     requests: list[Request] = field(default_factory=list)
 
 
-class Engine:
-    def __init__(self, model, mask_token_id: int | None, config: EngineConfig | None = None,
-                 observer: Observer | None = None, auto: AutoMode | None = None):
+class Scheduler:
+    def __init__(self, model: Transformer, auto: AutoMode | None = None, max_running: int = 32):
+        if max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {max_running}")
         self.model = model
         self.auto = auto or AutoMode()
-        self.mask_token_id = mask_token_id
-        self.config = config or EngineConfig()
-        self.observer = observer
+        self.max_running = max_running
         self.waiting: deque[Request] = deque()
-        self.groups: dict[tuple, Group] = {}
-        self.steps = StepRouter()  # step events to the requests that asked (return_steps)
-        self.cond = threading.Condition()
-        self.stopping = False
-        self.error: str | None = None  # set if the loop itself died
-        self.iterations = 0
-        self.thread: threading.Thread | None = None
-
-    # --- called from any thread ------------------------------------------------------------
-    def start(self) -> "Engine":
-        self.thread = threading.Thread(target=self._loop, name="blockdiff-engine", daemon=True)
-        self.thread.start()
-        return self
-
-    @property
-    def alive(self) -> bool:
-        return self.thread is not None and self.thread.is_alive() and not self.stopping
-
-    def submit(self, request: Request) -> None:
-        with self.cond:
-            if not self.alive:
-                raise EngineStopped(self.error or "the engine is not running")
-            if len(self.waiting) >= self.config.max_queue:
-                raise QueueFull(f"{len(self.waiting)} requests are already waiting (--max-queue "
-                                f"{self.config.max_queue}); retry later")
-            self.waiting.append(request)
-            self.cond.notify()
-
-    def abort(self, request: Request) -> None:
-        """Free the request's slot at the next step (a client went away)."""
-        request.aborted = True
-        with self.cond:
-            self.cond.notify()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop after the current step; unfinished requests end with an error update."""
-        with self.cond:
-            self.stopping = True
-            self.cond.notify()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(timeout)
+        self.groups: dict[tuple, Group] = {}  # in the order they started
+        self.router = StepRouter()  # step events to the requests that asked (Request.on_step)
+        self.progress: Progress = []  # the updates of the step being taken
 
     @property
     def num_waiting(self) -> int:
@@ -111,29 +67,39 @@ class Engine:
     def num_running(self) -> int:
         return sum(len(g.requests) for g in list(self.groups.values()))
 
-    # --- the engine thread -----------------------------------------------------------------
-    def _loop(self) -> None:
-        try:
-            with torch.inference_mode():
-                while True:
-                    with self.cond:
-                        while not self.stopping and not self.waiting and not self.groups:
-                            self.cond.wait()
-                        if self.stopping:
-                            break
-                        newcomers = self._take_newcomers()
-                    self._admit(newcomers)
-                    self._step_all()
-                    self.iterations += 1
-        except BaseException as e:  # a bug, not bad input: keep the message for /health
-            self.error = f"engine loop died: {e!r}"
-            log.error("%s\n%s", self.error, traceback.format_exc())
-        finally:
-            self.stopping = True
-            self._fail_all("the server is shutting down" if self.error is None else self.error)
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.groups)
+
+    @torch.inference_mode()
+    def step(self) -> Progress:
+        """Admit what fits, take one decode step of every group; the updates it made, in order."""
+        self._admit(self._take_newcomers())
+        self._step_groups()
+        progress, self.progress = self.progress, []
+        return progress
+
+    def drain(self) -> Iterator[tuple[Request, Update]]:
+        """Step until every request added has finished, yielding each update."""
+        while self.has_work():
+            yield from self.step()
+
+    def fail_all(self, message: str) -> Progress:
+        """End every waiting and running request with an error update (the engine is stopping)."""
+        pending = list(self.waiting)
+        self.waiting.clear()
+        for group in self.groups.values():
+            pending.extend(group.requests)
+        self.groups.clear()
+        for request in pending:
+            self._report(request, error=message)
+        progress, self.progress = self.progress, []
+        return progress
 
     def _take_newcomers(self) -> list[Request]:
-        room = self.config.max_running_requests - self.num_running
+        room = self.max_running - self.num_running
         taken = []
         while self.waiting and len(taken) < room:
             request = self.waiting.popleft()
@@ -146,7 +112,7 @@ class Engine:
         return taken
 
     def _admit(self, newcomers: list[Request]) -> None:
-        load = self.num_running + len(newcomers)  # sequences decoded alongside, across groups
+        load = self.num_running + len(newcomers)
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
             if request.seq.params.mode == "auto":
@@ -155,10 +121,8 @@ class Engine:
         for key, requests in by_group.items():
             try:
                 group = self._start_group(requests)
-            except Exception as e:  # e.g. out of memory: fail these requests, keep serving
-                log.error("prefill failed: %r\n%s", e, traceback.format_exc())
-                for request in requests:
-                    self._report(request, error=f"prefill failed: {e}")
+            except Exception as e:
+                self._fail(requests, "prefill failed", e)
                 continue
             self._settle(group)
             if not group.requests:
@@ -173,17 +137,16 @@ class Engine:
     def _start_group(self, requests: list[Request]) -> Group:
         seqs = [r.seq for r in requests]
         if requests[0].suffix_ids is not None:
-            job = InfillJob(self.model, seqs[0], requests[0].suffix_ids, self.mask_token_id)
+            job = InfillJob(self.model, seqs[0], requests[0].suffix_ids)
             job.start()
             return Group(job, InfillJob.step, requests)
         decoder = DECODERS[seqs[0].params.mode]
-        self.steps.add(requests)
-        batch = DecodeBatch(self.model, seqs, self.mask_token_id, decoder.extra_slots(seqs[0].params.block_length),
-                            self.steps)
+        self.router.add(requests)
+        batch = DecodeBatch(self.model, seqs, decoder.extra_slots(seqs[0].params.block_length), self.router)
         decoder.start(batch)
         return Group(batch, decoder.step, requests)
 
-    def _step_all(self) -> None:
+    def _step_groups(self) -> None:
         for key in list(self.groups):
             group = self.groups[key]
             for request in group.requests:
@@ -191,19 +154,17 @@ class Engine:
                     group.batch.abort(request.seq)
             self._settle(group)
             if group.requests:
-                # load as `_admit` sees it when choosing for mode="auto": every running sequence
                 load, started = self.num_running, time.perf_counter()
                 emitted = sum(len(r.seq.output_ids) for r in group.requests)
                 try:
                     group.step(group.batch)
+                except Exception as e:
+                    self._fail(group.requests, "decode step failed", e)
+                    group.requests = []
+                else:
                     emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
                     self.auto.record(key[0], load, max(emitted, 0), time.perf_counter() - started)
-                except Exception as e:
-                    log.error("decode step failed: %r\n%s", e, traceback.format_exc())
-                    for request in group.requests:
-                        self._report(request, error=f"decode step failed: {e}")
-                    group.requests = []
-                self._settle(group)
+                    self._settle(group)
             if not group.requests:
                 del self.groups[key]
 
@@ -214,25 +175,14 @@ class Engine:
         group.batch.retire()
         group.requests = [r for r in group.requests if not r.done]
 
-    def _report(self, request: Request, error: str | None = None) -> None:
-        try:
-            update = request.report(error)
-            if update is not None and self.observer is not None:
-                self.observer(request, update)
-        except Exception:  # a caller's callback must never take the engine down
-            log.error("update callback failed\n%s", traceback.format_exc())
-            update = None
-        if request.done:
-            self.steps.forget(request)
-        if update is not None:
-            request.last_commit = time.perf_counter()
+    def _fail(self, requests: list[Request], what: str, error: Exception) -> None:
+        for request in requests:
+            request.exception = error
+            self._report(request, error=f"{what}: {error}")
 
-    def _fail_all(self, message: str) -> None:
-        with self.cond:
-            pending = list(self.waiting)
-            self.waiting.clear()
-        for group in list(self.groups.values()):
-            pending.extend(group.requests)
-        self.groups.clear()
-        for request in pending:
-            self._report(request, error=message)
+    def _report(self, request: Request, error: str | None = None) -> None:
+        update = request.report(error)
+        if request.done:
+            self.router.forget(request)
+        if update is not None:
+            self.progress.append((request, update))

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import blockdiff
-from blockdiff.engine.scheduler import Engine, EngineConfig
+from blockdiff.server.engine import Engine, EngineConfig
 from blockdiff.model.dtype import dtype_name
 from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS
 from blockdiff.server.config import ServerConfig
@@ -83,8 +83,7 @@ async def read_json(request: Request, limit: int) -> dict:
 
 def build_app(llm, config: ServerConfig) -> FastAPI:
     name = config.model_name()
-    engine = Engine(llm.model, llm.config.mask_token_id,
-                    EngineConfig(config.max_running_requests, config.max_queue), auto=llm.auto)
+    engine = Engine(llm.make_scheduler(config.max_running_requests), EngineConfig(config.max_queue))
     metrics = ServerMetrics(name, engine)
     engine.observer = metrics.observe
 
@@ -175,7 +174,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(request: Request):
         req = await parse(request, DetokenizeRequest)
-        check_ids(req.tokens, llm.config.vocab_size, "tokens")
+        check_ids(req.tokens, llm.vocab_size, "tokens")
         return {"prompt": llm.tokenizer.decode(req.tokens)}
 
     @app.get("/tokenizer_info")
@@ -208,11 +207,11 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
     async def server_info():
         uptime = time.time() - metrics.started
         return {"model_path": llm.model_path, "served_model_name": name, "default_mode": config.mode,
-                "dtype": dtype_name(llm.model.dtype),
+                "dtype": dtype_name(llm.dtype),
                 "block_length": config.block_length or DEFAULT_BLOCK_LENGTHS, "threshold": config.threshold,
                 "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
                 "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
-                "auto_mode": {"candidates": list(engine.auto.candidates), "measured": engine.auto.report()},
+                "auto_mode": llm.auto_mode_report(),
                 "internal_states": [{"avg_spec_accept_length": metrics.avg_spec_accept_length,
                                      "num_running_reqs": engine.num_running, "num_waiting_reqs": engine.num_waiting,
                                      "finished_requests": metrics.finished_requests,

@@ -15,8 +15,9 @@ from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from blockdiff.decoding.grammar import GrammarError
+from blockdiff.decoding.metrics import Metrics
 from blockdiff.engine.request import Request, Update
-from blockdiff.engine.scheduler import Engine, EngineStopped, QueueFull
+from blockdiff.server.engine import Engine, EngineStopped, QueueFull
 from blockdiff.sampling import InvalidParameter
 from blockdiff.server.errors import APIError, error_body, from_invalid_parameter
 from blockdiff.server.logprobs import LogprobFormatter, StreamedLogprobs
@@ -53,15 +54,12 @@ class Call:
 
 
 def response_metrics(request: Request, update: Update) -> dict:
-    m = update.metrics or {}
+    m = update.metrics or Metrics()
     queue = (request.scheduled - request.arrival) if request.scheduled is not None else 0.0
-    return {"mode": request.mode,
-            "nfe": m.get("nfe"), "prefill_nfe": m.get("prefill_nfe"), "tpf": m.get("tpf"),
-            "steps": m.get("steps"), "tokens_per_step": m.get("tokens_per_step"),
-            "acceptance": m.get("acceptance"), "drafted_tokens": m.get("drafted_tokens"),
-            "accepted_tokens": m.get("accepted_tokens"), "ttft_s": m.get("ttft_s"),
-            "queue_time_s": queue, "generation_time_s": max(0.0, m.get("wall_s", 0.0) - queue),
-            "e2e_s": m.get("wall_s"), "tokens_per_s": m.get("tokens_per_s")}
+    return {"mode": request.mode, "nfe": m.nfe, "prefill_nfe": m.prefill_nfe, "tpf": m.tpf, "steps": m.steps,
+            "tokens_per_step": m.tokens_per_step, "acceptance": m.acceptance, "drafted_tokens": m.drafted_tokens,
+            "accepted_tokens": m.accepted_tokens, "ttft_s": m.ttft_s, "queue_time_s": queue,
+            "generation_time_s": max(0.0, m.wall_s - queue), "e2e_s": m.wall_s, "tokens_per_s": m.tokens_per_s}
 
 
 def usage(requests: list[Request], finals: dict[int, Update]) -> dict:

@@ -1,5 +1,5 @@
 """Prometheus metrics, named as vLLM names them (with a `blockdiff:` prefix) plus NFE and
-TPF per mode. The engine thread calls `observe` after every update it sends.
+TPF per mode. The engine thread calls `observe` after every update it delivers.
 
 - time_to_first_token_seconds: arrival -> first committed token (queue time included).
 - inter_token_latency_seconds: time between two updates of a request that commit tokens;
@@ -14,6 +14,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from blockdiff.decoding.metrics import Metrics
 from blockdiff.engine.request import Request, Update
 
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
@@ -55,35 +56,33 @@ class ServerMetrics:
         self.generated_tokens = 0
 
     def observe(self, request: Request, update: Update) -> None:
-        now = time.perf_counter()
         labels = (self.model_name, request.mode)
         if update.new_tokens:
             self.generation_tokens.labels(*labels).inc(update.new_tokens)
-            if request.sent == update.new_tokens:  # the first tokens of this request
-                self.ttft.labels(*labels).observe(now - request.arrival)
+            if update.since_previous is None:  # the first tokens of this request
+                self.ttft.labels(*labels).observe(update.time - request.arrival)
             else:
-                self.itl.labels(*labels).observe(now - request.last_commit)
+                self.itl.labels(*labels).observe(update.since_previous)
         if update.finish_reason is None:
             return
         self.success.labels(self.model_name, update.finish_reason).inc()
-        self.e2e.labels(*labels).observe(now - request.arrival)
+        self.e2e.labels(*labels).observe(update.time - request.arrival)
         if request.scheduled is not None:
             self.queue.labels(*labels).observe(request.scheduled - request.arrival)
-        m = update.metrics or {}
-        self.prompt_tokens.labels(*labels).inc(m.get("prompt_tokens", 0))
-        self.nfe.labels(*labels).inc(m.get("nfe", 0))
-        if m.get("nfe"):
-            self.tpf.labels(*labels).observe(m["tpf"])
-        drafts = m.get("verify_steps", 0)
-        if drafts:
-            self.drafts.labels(*labels).inc(drafts)
-            self.draft_tokens.labels(*labels).inc(m["drafted_tokens"])
-            self.accepted.labels(*labels).inc(m["accepted_tokens"])
+        m = update.metrics or Metrics()
+        self.prompt_tokens.labels(*labels).inc(m.prompt_tokens)
+        self.nfe.labels(*labels).inc(m.nfe)
+        if m.nfe:
+            self.tpf.labels(*labels).observe(m.tpf)
+        if m.verify_steps:
+            self.drafts.labels(*labels).inc(m.verify_steps)
+            self.draft_tokens.labels(*labels).inc(m.drafted_tokens)
+            self.accepted.labels(*labels).inc(m.accepted_tokens)
         with self._lock:
-            self.total_drafts += drafts
-            self.total_accepted += m.get("accepted_tokens", 0) if drafts else 0
+            self.total_drafts += m.verify_steps
+            self.total_accepted += m.accepted_tokens if m.verify_steps else 0
             self.finished_requests += 1
-            self.generated_tokens += m.get("generated_tokens", 0)
+            self.generated_tokens += m.generated_tokens
 
     @property
     def avg_spec_accept_length(self) -> float | None:

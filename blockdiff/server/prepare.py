@@ -159,13 +159,11 @@ def _max_tokens(llm, prompt_ids: list[int], requested: int | None, default: int 
     return default if default is not None else max(1, llm.max_context - len(prompt_ids))
 
 
-def _mode(req: CommonRequest, cfg: ServerConfig, llm, infill: bool) -> str:
+def _mode(req: CommonRequest, cfg: ServerConfig, infill: bool) -> str:
     mode = req.mode or ("diffusion" if infill else cfg.mode)
     if infill and mode != "diffusion":
         raise APIError(400, f"suffix (fill-in-the-middle) is decoded by block diffusion; mode must be "
                        f"'diffusion', got {mode!r}", "suffix", "unsupported")
-    if mode != "ar" and llm.config.mask_token_id is None:
-        raise APIError(400, f"mode {mode!r} needs a mask token and this model has none; use 'ar'", "mode", "invalid_value")
     return mode
 
 
@@ -182,7 +180,7 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
     if infill and req.return_steps:
         raise APIError(400, "return_steps is not supported with suffix (fill-in-the-middle)", "return_steps",
                        "unsupported")
-    mode = _mode(req, cfg, llm, infill)
+    mode = _mode(req, cfg, infill)
     suffix_ids = llm.tokenizer.encode(req.suffix) if infill else None
     structured = structured_outputs(req)
     out = []
@@ -194,7 +192,7 @@ def prepare_completion(llm, req: CompletionRequest, cfg: ServerConfig) -> list[P
         max_tokens = _max_tokens(llm, ids, req.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
         echo_text = (prompt if isinstance(prompt, str) else llm.tokenizer.decode(ids)) if req.echo else None
         out.append(Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured), suffix_ids, echo_text))
-    check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    check_ids(list(req.stop_token_ids or []), llm.vocab_size, "stop_token_ids")
     return out
 
 
@@ -218,10 +216,10 @@ def prepare_chat(llm, req: ChatRequest, cfg: ServerConfig) -> Prepared:
     _unsupported(req)
     if not req.messages:
         raise APIError(400, "messages is empty", "messages", "invalid_value")
-    mode = _mode(req, cfg, llm, infill=False)
+    mode = _mode(req, cfg, infill=False)
     text = render_chat(llm, req.messages, req.add_generation_prompt, req.chat_template_kwargs)
     ids = llm.tokenizer.encode(text, add_special_tokens=False)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = _max_tokens(llm, ids, requested, None)
-    check_ids(list(req.stop_token_ids or []), llm.config.vocab_size, "stop_token_ids")
+    check_ids(list(req.stop_token_ids or []), llm.vocab_size, "stop_token_ids")
     return Prepared(ids, sampling_params(req, cfg, max_tokens, mode, structured_outputs(req)), prompt_param="messages")

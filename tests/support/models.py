@@ -4,8 +4,10 @@ from __future__ import annotations
 import torch
 
 from blockdiff.config import ModelConfig, RopeConfig
-from blockdiff.decoding.run import decode
+from blockdiff.decoding.batch import EventHook
 from blockdiff.decoding.sequence import Sequence
+from blockdiff.engine.request import Request
+from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import SamplingParams
 from blockdiff.tokenizer import Tokenizer
@@ -40,9 +42,21 @@ def attach_random_draft_adapter(model: Transformer, seed: int = 1) -> Transforme
     return model
 
 
+def decode(model: Transformer, seqs: list[Sequence], on_event: EventHook | None = None) -> list[Sequence]:
+    """Decode the sequences together on a Scheduler, as LLM.generate does, without an LLM."""
+    requests = [Request(seq, on_step=on_event) for seq in seqs]
+    scheduler = Scheduler(model, max_running=len(seqs))
+    for request in requests:
+        scheduler.add(request)
+    for request, update in scheduler.drain():
+        if request.exception is not None:
+            raise request.exception
+    return seqs
+
+
 def run(model: Transformer, prompts: list[list[int]], eos: int | None = None, **params) -> list[Sequence]:
     seqs = [Sequence(p, SamplingParams(**params), frozenset([eos] if eos is not None else [])) for p in prompts]
-    return decode(model, seqs, model.config.mask_token_id)
+    return decode(model, seqs)
 
 
 def causal_logprobs(model: Transformer, ids: list[int]) -> torch.Tensor:
