@@ -115,7 +115,7 @@ def test_events_are_per_row_and_resolve_to_their_sequence(mode):
             assert seq is batch.seqs[payload["row"]]
             events[id(seq)].append((kind, payload))
 
-    batch = DecodeBatch(model, seqs, decoder.extra_slots(4), Recorder())
+    batch = DecodeBatch(model, seqs, decoder.extra_slots(seqs[0]), Recorder())
     with torch.inference_mode():
         decoder.start(batch)
         batch.retire()

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from blockdiff.decoding.sequence import Sequence
-from blockdiff.engine.infill import InfillJob
 from blockdiff.sampling import SamplingParams
-from support.models import attach_random_draft_adapter, tiny_model
+from support.models import attach_random_draft_adapter, decode, tiny_model
 from support.server import one_thread_llm, serving
 
 MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
@@ -205,12 +204,10 @@ def test_infill_with_suffix_matches_a_cacheless_reference(llm, server):
 def test_infill_runs_the_draft_adapter_like_diffusion():
     model = attach_random_draft_adapter(tiny_model(6, vocab=24))
     prefix, suffix, mask = [1, 2, 3], [4, 5], model.config.mask_token_id
-    seq = Sequence(prefix, SamplingParams(mode="diffusion", max_new_tokens=6, block_length=3, threshold=0.6))
-    job = InfillJob(model, seq, suffix)
+    seq = Sequence(prefix, SamplingParams(mode="diffusion", max_new_tokens=6, block_length=3, threshold=0.6),
+                   suffix_ids=suffix)
+    decode(model, [seq])
     with torch.inference_mode():
-        job.start()
-        while not seq.finished:
-            job.step()
         want = reference_infill(model, prefix, suffix, 6, 3, 0.6, mask)
         base = reference_infill(tiny_model(6, vocab=24), prefix, suffix, 6, 3, 0.6, mask)  # no adapter
     assert seq.output_ids == want

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from blockdiff.decoding.batch import DecodeBatch
+from blockdiff.decoding.sequence import Sequence
 
 
-def extra_slots(block_length: int) -> int:
+def extra_slots(seq: Sequence) -> int:
     return 1
 
 

@@ -43,6 +43,7 @@ class DecodeBatch:
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
         self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
         self.observer = observer
+        self.row_state: list = [None] * len(self.seqs)  # the decoder's own state of each row (quad_spec's draft)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -153,11 +154,12 @@ class DecodeBatch:
         return kept
 
     def retire(self) -> list[Sequence]:
-        """Drop finished sequences from the batch and the cache."""
+        """Drop finished sequences from the batch, their rows' state and the cache."""
         done = [s for s in self.seqs if s.finished]
         if done:
             keep = [i for i, s in enumerate(self.seqs) if not s.finished]
             self.seqs = [self.seqs[i] for i in keep]
+            self.row_state = [self.row_state[i] for i in keep]
             if keep:
                 self.cache.keep_rows(keep)
         return done
@@ -168,6 +170,7 @@ class DecodeBatch:
         if other.block_length != self.block_length:
             raise ValueError(f"cannot merge block_length {other.block_length} into {self.block_length}")
         self.seqs.extend(other.seqs)
+        self.row_state.extend(other.row_state)
         self.cache.merge(other.cache)
 
     def abort(self, seq: Sequence) -> None:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import torch
 
 from blockdiff.decoding.batch import DecodeBatch
+from blockdiff.decoding.sequence import Sequence
 
 
-def extra_slots(block_length: int) -> int:
-    return block_length
+def extra_slots(seq: Sequence) -> int:
+    return seq.params.block_length
 
 
 def slots_to_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:

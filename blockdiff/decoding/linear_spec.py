@@ -6,10 +6,11 @@ import torch
 
 from blockdiff.decoding import verify
 from blockdiff.decoding.batch import DecodeBatch
+from blockdiff.decoding.sequence import Sequence
 
 
-def extra_slots(block_length: int) -> int:
-    return block_length
+def extra_slots(seq: Sequence) -> int:
+    return seq.params.block_length
 
 
 def start(batch: DecodeBatch) -> None:

@@ -8,16 +8,26 @@ anchors d_0..d_j and itself, and drafts the block that follows if d_0..d_j are a
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
 
 from blockdiff.decoding import verify
 from blockdiff.decoding.batch import DecodeBatch
+from blockdiff.decoding.sequence import Sequence
 
 
-def extra_slots(block_length: int) -> int:
-    return block_length * (block_length + 1) + block_length
+@dataclass
+class KeptDraft:
+    """A row's state between steps (batch.row_state): the block drafted after its pending token."""
+    tokens: torch.Tensor  # (L-1,) d_1..d_{L-1}
+    probs: torch.Tensor | None  # (L-1, V) their distributions when the row samples, else None
+
+
+def extra_slots(seq: Sequence) -> int:
+    L = seq.params.block_length
+    return L * (L + 1) + L
 
 
 @lru_cache(maxsize=8)
@@ -67,20 +77,20 @@ def start(batch: DecodeBatch) -> None:
 
 def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
     """Draft d_1..d_{L-1} from (B, L-1, hidden) MASK rows (and their logits, if computed
-    already) and keep them (and their probabilities when sampling) with each sequence for the
-    next step; the token before d_1 is each row's pending token, which the sampler head (if
+    already) and keep them (and their probabilities when sampling) as each row's state for
+    the next step; the token before d_1 is each row's pending token, which the sampler head (if
     any) conditions on."""
     drafts, probs = batch.draft_tokens(hidden, logits)  # (B, L-1)
     for row, seq in enumerate(batch.seqs):
-        seq.draft, seq.draft_probs = drafts[row], None if probs is None else probs[row]
+        batch.row_state[row] = KeptDraft(drafts[row], None if probs is None else probs[row])
         if not seq.finished and batch.observed(row):  # a finished row's draft is never verified
-            batch.event("draft", row, drafts=seq.draft.tolist())
+            batch.event("draft", row, drafts=drafts[row].tolist())
 
 
 def _kept_draft_probs(batch: DecodeBatch) -> torch.Tensor | None:
     """The kept drafts' (B, L-1, V) probabilities, zeros for greedy rows (which a merge may
     put beside sampled ones); None when every row is greedy."""
-    kept = [s.draft_probs for s in batch.seqs]
+    kept = [state.probs for state in batch.row_state]
     present = [p for p in kept if p is not None]
     if not present:
         return None
@@ -89,7 +99,7 @@ def _kept_draft_probs(batch: DecodeBatch) -> torch.Tensor | None:
 
 def step(batch: DecodeBatch) -> None:
     L, B = batch.block_length, len(batch)
-    drafts = torch.stack([s.draft for s in batch.seqs])  # (B, L-1)
+    drafts = torch.stack([state.tokens for state in batch.row_state])  # (B, L-1)
     draft_probs = _kept_draft_probs(batch)  # (B, L-1, V) or None
     anchors = torch.cat([batch.pending_tokens(), drafts], dim=1)  # (B, L)
     tokens = torch.cat([anchors, batch.masks(L * L)], dim=1)  # (B, L + L*L)

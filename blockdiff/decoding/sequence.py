@@ -23,11 +23,10 @@ class Sequence:
     finish_reason: str | None = None  # "stop" or "length"
     stop_text_end: int | None = None  # where a stop string cut the text
     pending: int | None = None  # the last emitted token, whose keys/values are not cached yet
-    draft: torch.Tensor | None = None  # quad_spec: the drafts that follow `pending`
-    draft_probs: torch.Tensor | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, the first None
     grammar: Grammar | None = None  # params.structured_outputs' matcher, following output_ids
+    suffix_ids: list[int] | None = None  # fill-in-the-middle: the tokens after the gap (decoding/infill.py)
     metrics: Metrics = field(default_factory=Metrics)
     arrival: float = field(default_factory=time.perf_counter)  # the request's clock: ttft_s and wall_s count from here
 

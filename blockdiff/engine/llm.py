@@ -106,12 +106,16 @@ class LLM:
         return ids
 
     def make_sequence(self, prompt: str | list[int], params: SamplingParams, *, chat: bool = False,
-                      reserved: int = 0) -> Sequence:
+                      suffix: list[int] | None = None) -> Sequence:
         """A request's decoding state, the one place a prompt is checked for both the library and
         the server: raises InvalidParameter naming the field (the mode, when it needs a mask token
-        the model lacks; ContextLengthExceeded when the prompt, `reserved` suffix tokens and
-        max_new_tokens do not fit; GrammarError for a structured-output grammar that does not
-        compile)."""
+        the model lacks; the suffix, when off the vocabulary; ContextLengthExceeded when the
+        prompt, the suffix and max_new_tokens do not fit; GrammarError for a structured-output
+        grammar that does not compile). With a `suffix`, the sequence fills the gap of
+        max_new_tokens between the prompt and it (decoding/infill.py)."""
+        reserved = len(suffix) if suffix is not None else 0
+        if suffix is not None:
+            check_token_ids(suffix, self.config.vocab_size, "suffix")
         ids = self.encode(prompt, chat=chat, reserved=reserved)
         if params.mode not in ("ar", "auto") and self.config.mask_token_id is None:
             raise InvalidParameter("mode", f"mode {params.mode!r} needs a mask token and this model has none; "
@@ -122,7 +126,8 @@ class LLM:
                                                           f"{self.max_context}")
         spec = params.structured_outputs
         return Sequence(ids, params, frozenset(self.tokenizer.eos_token_ids), self.tokenizer.decode,
-                        grammar=self.grammars.grammar(spec) if spec is not None else None)
+                        grammar=self.grammars.grammar(spec) if spec is not None else None,
+                        suffix_ids=list(suffix) if suffix is not None else None)
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True, on_event: EventHook | None = None, chat: bool = False,

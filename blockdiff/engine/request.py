@@ -35,7 +35,6 @@ class Update:
 class Request:
     seq: Sequence
     on_update: Callable[[Update], None] | None = None  # the server's delivery (server/engine.py)
-    suffix_ids: list[int] | None = None  # fill-in-the-middle: the tokens after the gap
     # return_steps: on_step(kind, payload) gets this request's decoder events (see
     # the step events in decoding/batch.py), on the engine thread; must not block
     on_step: EventHook | None = None
@@ -55,12 +54,12 @@ class Request:
     def mode(self) -> str:
         """The label responses and metrics report: the decoding mode ("auto" resolved once the
         request is scheduled), or "infill" for fill-in-the-middle."""
-        return "infill" if self.suffix_ids is not None else self.seq.params.mode
+        return "infill" if self.seq.suffix_ids is not None else self.seq.params.mode
 
     @property
     def group(self) -> tuple:
         """Requests in one group share a DecodeBatch; infilling runs alone."""
-        if self.suffix_ids is not None:
+        if self.seq.suffix_ids is not None:
             return (self.mode, self.id)
         return (self.mode, self.seq.params.block_length)
 

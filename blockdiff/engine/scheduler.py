@@ -24,15 +24,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from blockdiff.decoding.batch import DecodeBatch
-from blockdiff.decoding.decoders import DECODERS
+from blockdiff.decoding.decoders import Decoder, decoder_for
 from blockdiff.engine.auto import AutoMode
-from blockdiff.engine.infill import InfillJob
 from blockdiff.engine.request import Request, Update
 from blockdiff.engine.steps import StepRouter
 from blockdiff.model.transformer import Transformer
@@ -42,8 +41,8 @@ Progress = list[tuple[Request, Update]]
 
 @dataclass
 class Group:
-    batch: DecodeBatch | InfillJob
-    step: Callable
+    batch: DecodeBatch
+    decoder: Decoder
     requests: list[Request] = field(default_factory=list)
 
 
@@ -75,7 +74,9 @@ class Scheduler:
 
     @torch.inference_mode()
     def step(self) -> Progress:
-        """Admit what fits, take one decode step of every group; the updates it made, in order."""
+        """Free the slots of aborted requests, admit what fits, take one decode step of every
+        group; the updates it made, in order."""
+        self._drop_aborted()
         self._admit(self._take_newcomers())
         self._step_groups()
         progress, self.progress = self.progress, []
@@ -97,6 +98,15 @@ class Scheduler:
             self._report(request, error=message)
         progress, self.progress = self.progress, []
         return progress
+
+    def _drop_aborted(self) -> None:
+        for key, group in list(self.groups.items()):
+            for request in group.requests:
+                if request.aborted:
+                    group.batch.abort(request.seq)
+            self._settle(group)
+            if not group.requests:
+                del self.groups[key]
 
     def _take_newcomers(self) -> list[Request]:
         room = self.max_running - self.num_running
@@ -136,35 +146,25 @@ class Scheduler:
 
     def _start_group(self, requests: list[Request]) -> Group:
         seqs = [r.seq for r in requests]
-        if requests[0].suffix_ids is not None:
-            job = InfillJob(self.model, seqs[0], requests[0].suffix_ids)
-            job.start()
-            return Group(job, InfillJob.step, requests)
-        decoder = DECODERS[seqs[0].params.mode]
+        decoder = decoder_for(seqs[0])
         self.router.add(requests)
-        batch = DecodeBatch(self.model, seqs, decoder.extra_slots(seqs[0].params.block_length), self.router)
+        batch = DecodeBatch(self.model, seqs, max(decoder.extra_slots(s) for s in seqs), self.router)
         decoder.start(batch)
-        return Group(batch, decoder.step, requests)
+        return Group(batch, decoder, requests)
 
     def _step_groups(self) -> None:
-        for key in list(self.groups):
-            group = self.groups[key]
-            for request in group.requests:
-                if request.aborted:
-                    group.batch.abort(request.seq)
-            self._settle(group)
-            if group.requests:
-                load, started = self.num_running, time.perf_counter()
-                emitted = sum(len(r.seq.output_ids) for r in group.requests)
-                try:
-                    group.step(group.batch)
-                except Exception as e:
-                    self._fail(group.requests, "decode step failed", e)
-                    group.requests = []
-                else:
-                    emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
-                    self.auto.record(key[0], load, max(emitted, 0), time.perf_counter() - started)
-                    self._settle(group)
+        for key, group in list(self.groups.items()):  # every group has a running request
+            load, started = self.num_running, time.perf_counter()
+            emitted = sum(len(r.seq.output_ids) for r in group.requests)
+            try:
+                group.decoder.step(group.batch)
+            except Exception as e:
+                self._fail(group.requests, "decode step failed", e)
+                group.requests = []
+            else:
+                emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
+                self.auto.record(key[0], load, max(emitted, 0), time.perf_counter() - started)
+                self._settle(group)
             if not group.requests:
                 del self.groups[key]
 

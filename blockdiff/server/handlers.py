@@ -77,7 +77,7 @@ def submit(engine: Engine, llm, prepared: list[Prepared], backlog: StepBacklog |
     requests = []
     for index, p in enumerate(prepared):
         try:
-            seq = llm.make_sequence(p.prompt_ids, p.params, reserved=len(p.suffix_ids or []))
+            seq = llm.make_sequence(p.prompt_ids, p.params, suffix=p.suffix_ids)
         except GrammarError as e:  # a grammar that compiles alone but not against this vocabulary
             raise APIError(400, str(e), "structured_outputs", "invalid_value") from None
         except InvalidParameter as e:  # the prompt is empty, off the vocabulary or too long
@@ -85,7 +85,7 @@ def submit(engine: Engine, llm, prepared: list[Prepared], backlog: StepBacklog |
         on_update = (lambda u, i=index: loop.call_soon_threadsafe(queue.put_nowait, (i, u)))
         on_step = ((lambda kind, payload, i=index: loop.call_soon_threadsafe(backlog.offer, i, Step(kind, payload)))
                    if backlog is not None else None)
-        requests.append(Request(seq, on_update, p.suffix_ids, on_step=on_step))
+        requests.append(Request(seq, on_update, on_step=on_step))
     try:
         for r in requests:
             engine.submit(r)

@@ -1,0 +1,151 @@
+"""The one scheduler both front ends drive: admission, groups, updates, failures, auto's load."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blockdiff.decoding import decoders
+from blockdiff.decoding.sequence import Sequence
+from blockdiff.engine.auto import AutoMode
+from blockdiff.engine.request import Request
+from blockdiff.engine.scheduler import Scheduler
+from blockdiff.sampling import SamplingParams
+from support.models import run, tiny_model
+
+MODES = ["ar", "diffusion", "linear_spec", "quad_spec"]
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10], [4, 4], [2, 9, 11], [6]]
+
+
+def params(i: int, **overrides) -> SamplingParams:
+    """A different mode, length and sampling for every prompt index."""
+    fields = dict(mode=MODES[i % 4], max_new_tokens=5 + 3 * i, block_length=4,
+                  temperature=0.8 if i % 3 == 2 else 0.0, seed=i)
+    return SamplingParams(**(fields | overrides))
+
+
+def requests_for(prompts, **overrides) -> list[Request]:
+    return [Request(Sequence(p, params(i, **overrides), frozenset([6]))) for i, p in enumerate(prompts)]
+
+
+@pytest.mark.parametrize("max_running", [1, 2, 6])
+def test_mixed_modes_admitted_over_time_equal_each_sequence_alone(max_running):
+    """Whatever the room, the order of admission and the groups a sequence shares its steps
+    with, its tokens are the ones it gets decoded alone (greedy and seeded sampled rows)."""
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, max_running=max_running)
+    requests = requests_for(PROMPTS)
+    for request in requests:
+        scheduler.add(request)
+    running = []
+    while scheduler.has_work():
+        scheduler.step()
+        running.append(scheduler.num_running)
+    assert max(running) <= max_running
+    for i, request in enumerate(requests):
+        alone = run(model, [PROMPTS[i]], eos=6, **vars(params(i)))[0]
+        assert request.seq.output_ids == alone.output_ids, (i, request.seq.params.mode)
+        assert request.done and request.seq.finish_reason in ("stop", "length")
+
+
+def test_updates_add_up_to_the_output_and_end_once():
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, max_running=3)
+    requests = requests_for(PROMPTS)
+    for request in requests:
+        scheduler.add(request)
+    seen: dict[int, list] = {r.id: [] for r in requests}
+    for request, update in scheduler.drain():
+        seen[request.id].append(update)
+    for request in requests:
+        updates = seen[request.id]
+        assert sum(u.new_tokens for u in updates) == len(request.seq.output_ids)
+        assert updates[-1].token_ids == request.seq.output_ids
+        assert [u.finish_reason is not None for u in updates] == [False] * (len(updates) - 1) + [True]
+        assert updates[-1].metrics is not None and updates[-1].metrics.generated_tokens == len(request.seq.output_ids)
+        assert updates[-1].metrics is not request.seq.metrics  # a snapshot, not shared state
+        assert updates[0].since_previous is None and all(u.since_previous >= 0 for u in updates[1:])
+        assert request.scheduled >= request.arrival
+
+
+def test_a_failing_group_ends_with_errors_and_the_others_finish(monkeypatch):
+    model = tiny_model(6, vocab=24)
+
+    def broken(batch):
+        raise RuntimeError("out of memory")
+    monkeypatch.setattr(decoders.DECODERS["linear_spec"], "step", broken)
+    scheduler = Scheduler(model, max_running=6)
+    requests = requests_for(PROMPTS[:4], temperature=0.0)
+    for request in requests:
+        scheduler.add(request)
+    finals = {request.id: update for request, update in scheduler.drain() if update.finish_reason is not None}
+    for request in requests:
+        final = finals[request.id]
+        if request.seq.params.mode == "linear_spec":
+            assert final.finish_reason == "error" and "decode step failed: out of memory" in final.error
+            assert isinstance(request.exception, RuntimeError)
+        else:
+            assert final.finish_reason in ("stop", "length") and request.exception is None
+    assert not scheduler.has_work()
+
+
+def test_aborted_requests_free_their_slot_at_the_next_step():
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, max_running=1)
+    first, second = requests_for(PROMPTS[:2], max_new_tokens=40, mode="ar", ignore_eos=True)
+    scheduler.add(first)
+    scheduler.add(second)
+    scheduler.step()
+    assert scheduler.num_running == 1 and scheduler.num_waiting == 1
+    first.aborted = True
+    progress = scheduler.step()
+    assert (first, "abort") in [(r, u.finish_reason) for r, u in progress]
+    assert scheduler.num_running == 1 and second.scheduled is not None  # second took the slot
+
+
+def test_auto_is_chosen_at_the_load_a_request_joins_and_steps_are_timed_at_the_load_they_ran():
+    model = tiny_model(6, vocab=24)
+    chosen, recorded = [], []
+
+    class Watching(AutoMode):
+        def choose(self, rows):
+            chosen.append(rows)
+            return "ar"
+
+        def record(self, mode, rows, tokens, seconds):
+            recorded.append(rows)
+
+    scheduler = Scheduler(model, Watching(), max_running=3)
+    requests = requests_for(PROMPTS[:5], mode="auto", max_new_tokens=30, temperature=0.0, ignore_eos=True)
+    for request in requests[:2]:
+        scheduler.add(request)
+    scheduler.step()  # two admitted together: both see a load of 2
+    for request in requests[2:]:
+        scheduler.add(request)
+    scheduler.step()  # one more fits beside the two running: load 3; two wait
+    assert chosen == [2, 2, 3]
+    assert recorded == [2, 3]
+    assert all(r.seq.params.mode == "ar" for r in requests[:3])
+
+
+def test_fail_all_ends_waiting_and_running_requests():
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, max_running=1)
+    requests = requests_for(PROMPTS[:3], max_new_tokens=40, mode="ar", ignore_eos=True)
+    for request in requests:
+        scheduler.add(request)
+    scheduler.step()
+    progress = scheduler.fail_all("stopping")
+    assert sorted(r.id for r, u in progress if u.finish_reason == "error") == sorted(r.id for r in requests)
+    assert not scheduler.has_work()
+
+
+def test_generate_raises_what_failed(monkeypatch, tmp_path):
+    from blockdiff.engine.llm import LLM
+    from support.models import save_tiny_checkpoint
+    llm = LLM(save_tiny_checkpoint(tmp_path / "m"))
+
+    def broken(batch):
+        raise torch.cuda.OutOfMemoryError("no room")
+    monkeypatch.setattr(decoders.DECODERS["ar"], "start", broken)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="no room"):
+        llm.generate("the cat", mode="ar", max_new_tokens=4, use_tqdm=False)
