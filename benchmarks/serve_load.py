@@ -173,7 +173,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     sys.path.insert(0, ROOT)
-    from blockdiff.cli import format_table
+    from blockdiff.bench.report import format_table
     print(f"mode={args.mode} max_tokens={args.max_tokens} requests/level={args.num_requests} model={args.model_name}")
     print(format_table([s.row() for s in summaries], HEADER))
     if len(summaries) > 1 and summaries[0].tok_s() > 0:

@@ -79,8 +79,7 @@ class Scheduler:
         self._drop_aborted()
         self._admit(self._take_newcomers())
         self._step_groups()
-        progress, self.progress = self.progress, []
-        return progress
+        return self._take_progress()
 
     def drain(self) -> Iterator[tuple[Request, Update]]:
         """Step until every request added has finished, yielding each update."""
@@ -96,14 +95,19 @@ class Scheduler:
         self.groups.clear()
         for request in pending:
             self._report(request, error=message)
+        return self._take_progress()
+
+    def _take_progress(self) -> Progress:
         progress, self.progress = self.progress, []
         return progress
 
     def _drop_aborted(self) -> None:
         for key, group in list(self.groups.items()):
-            for request in group.requests:
-                if request.aborted:
-                    group.batch.abort(request.seq)
+            aborted = [r for r in group.requests if r.aborted]
+            if not aborted:
+                continue
+            for request in aborted:
+                group.batch.abort(request.seq)
             self._settle(group)
             if not group.requests:
                 del self.groups[key]
