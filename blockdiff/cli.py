@@ -9,7 +9,7 @@ import json
 import sys
 
 from blockdiff.model.dtype import DTYPE_CHOICES
-from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
+from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 from blockdiff.sampling import DECODING_MODES, MODES, SamplingParams
 
 
@@ -19,7 +19,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES)
-    p.add_argument("--quantization", default="none", choices=QUANTIZATIONS,
+    p.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
                    help=QUANTIZATION_HELP)
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)

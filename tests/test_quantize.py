@@ -61,3 +61,30 @@ def test_llm_quantizes_every_product(tiny_dir):
     a = llm.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
     b = plain.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
     assert len(a.token_ids) == len(b.token_ids) == 8  # runs; its tokens may differ from the float model's
+
+
+def test_auto_picks_the_format_fastest_at_the_widths_asked_and_leaves_the_model_in_it(monkeypatch):
+    """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the widths
+    decide, and the model is left prepared in the winner."""
+    from blockdiff.model import autotune
+    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("none", 8): 2.5, ("int4", 8): 4.0}
+    monkeypatch.setattr(autotune, "forward_seconds", lambda model, width, repeats: cost[(model.quantization, width)])
+    model = tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128)
+    assert autotune.choose_quantization(model, [1]) == ("int4", {"none": 2.0, "int4": 1.0})
+    assert model.quantization == "int4" and type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
+    assert autotune.choose_quantization(model, [1, 8]) == ("none", {"none": 4.5, "int4": 5.0})
+    assert model.quantization == "none" and type(model.layers[0].mlp.down_proj.packed).__name__ != "Int4Weight"
+
+
+def test_forward_widths_of_each_mode():
+    from blockdiff.model.autotune import forward_width
+    assert [forward_width(m, 4) for m in ("ar", "diffusion", "linear_spec", "quad_spec")] == [1, 4, 4, 20]
+
+
+def test_llm_auto_quantization_measures_both_formats_and_stays_lossless(tiny_dir):
+    llm = LLM(tiny_dir, dtype="float32", quantization="auto")
+    assert set(llm.quantization_seconds) == {"none", "int4"} and all(s > 0 for s in llm.quantization_seconds.values())
+    assert llm.model.quantization == min(llm.quantization_seconds, key=llm.quantization_seconds.get)
+    ar, spec = (llm.generate("the cat", mode=m, max_new_tokens=12, ignore_eos=True, use_tqdm=False)[0]
+                for m in ("ar", "linear_spec"))
+    assert spec.token_ids == ar.token_ids

@@ -7,7 +7,7 @@ import sys
 from blockdiff import sampling
 from blockdiff.bench.settings import BenchSettings
 from blockdiff.model.dtype import DTYPE_CHOICES
-from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
+from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 
 
 def _list_of(kind, name: str):
@@ -35,7 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "(default: SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
-    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS, help=QUANTIZATION_HELP)
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
     # MODES is read when the parser is built, so a mode added to blockdiff.sampling shows up here
     p.add_argument("--modes", type=_list_of(str, "--modes"), default=list(sampling.MODES),

@@ -16,11 +16,13 @@ from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
+from blockdiff.model.autotune import choose_quantization, forward_width
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import ContextLengthExceeded, InvalidParameter, SamplingParams, check_token_ids
+from blockdiff.sampling import (DEFAULT_BLOCK_LENGTHS, ContextLengthExceeded, InvalidParameter, SamplingParams,
+                                check_token_ids)
 
 @dataclass
 class RequestOutput:
@@ -62,11 +64,16 @@ class LLM:
         self.adapter = adapter or source.adapter
         if self.adapter:
             load_adapter(self.model, self.adapter)
-        self.model.prepare_for_inference(quantization)
         self.model_path = source.path
         self.max_batch_size = max_batch_size
         # learns from every decode step of every scheduler, whatever its mode; spec modes need a mask token
         self.auto = AutoMode(tuple(auto_modes) if self.config.mask_token_id is not None else ("ar",))
+        self.quantization_seconds: dict[str, float] | None = None  # what quantization="auto" measured
+        if quantization == "auto":  # timed at the widths of the modes `auto` chooses among
+            widths = sorted({forward_width(m, DEFAULT_BLOCK_LENGTHS[m]) for m in self.auto.candidates})
+            _, self.quantization_seconds = choose_quantization(self.model, widths)
+        else:
+            self.model.prepare_for_inference(quantization)
 
     def make_scheduler(self, max_running: int | None = None) -> Scheduler:
         """The driver of every decode: generate() makes one per call, the server's engine thread

@@ -20,7 +20,9 @@ import torch
 
 GROUP_SIZE = 32
 QUANTIZATIONS = ("none", "int4")
-QUANTIZATION_HELP = "weight-only quantization of the products (int4: groups of 32, CPU only)"
+QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
+QUANTIZATION_HELP = ("weight-only quantization of the products (int4: groups of 32, CPU only; auto: the "
+                     "fastest at the widths the auto modes run, measured when the model loads)")
 
 
 @dataclass

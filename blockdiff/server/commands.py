@@ -5,7 +5,7 @@ import argparse
 import logging
 
 from blockdiff.model.dtype import DTYPE_CHOICES
-from blockdiff.model.quantize import QUANTIZATION_HELP, QUANTIZATIONS
+from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 from blockdiff.sampling import MODES
 from blockdiff.server.config import ServerConfig
 
@@ -20,7 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port)
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
-    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATIONS,
+    p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATION_CHOICES,
                    help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device)
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")

@@ -1,0 +1,57 @@
+"""What `quantization="auto"` means on this machine: the weight format whose forwards are
+fastest at the widths the model will run, measured when the model loads.
+
+One format serves every width: a row's logits must not depend on its forward's width, or the
+spec modes would stop equalling `ar`, so a model cannot read int4 weights for one-token steps
+and float ones for verify passes. Which format wins depends on the hardware and on the widths:
+int4 reads a quarter of bf16's bytes, which pays in one-token steps on an AMX Xeon, and
+computes more per row, which loses in wide passes and everywhere on an AVX2 CPU
+(benchmarks/RESULTS.md). So the choice is measured, as vLLM and llama.cpp tune kernels, not
+guessed: the sum of one forward per width over a short cache, the median of a few repeats.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from blockdiff.model.kv_cache import KVCache
+from blockdiff.model.quantize import QUANTIZATIONS
+from blockdiff.model.transformer import Transformer
+
+CONTEXT = 64  # cached tokens each timed forward attends over
+
+
+def forward_width(mode: str, block_length: int) -> int:
+    """Tokens per sequence in a decode forward of `mode`: a one-token AR step, a block, or
+    quad_spec's anchors and their L sub-blocks."""
+    return {"ar": 1, "quad_spec": block_length + block_length ** 2}.get(mode, block_length)
+
+
+@torch.inference_mode()
+def forward_seconds(model: Transformer, width: int, repeats: int) -> float:
+    """Median seconds of a `width`-token causal forward over CONTEXT cached tokens."""
+    cache = KVCache(model.config, 1, CONTEXT + width, model.dtype, model.device)
+    tokens = torch.randint(0, model.config.vocab_size, (1, CONTEXT + width), device=model.device)
+    model(tokens[:, :CONTEXT], None, cache, "causal")
+    cache.advance(CONTEXT)
+    times = []
+    for _ in range(repeats + 1):  # the first warms up the kernels' caches
+        started = time.perf_counter()
+        model(tokens[:, CONTEXT:], None, cache, "causal")
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[1:])
+
+
+def choose_quantization(model: Transformer, widths: list[int], repeats: int = 3) -> tuple[str, dict[str, float]]:
+    """Prepare the model with the format whose forwards at `widths` take the least time in sum;
+    -> (its name, {format: seconds}). Off the CPU only "none" runs (ATen's int4 kernel is CPU-only)."""
+    candidates = QUANTIZATIONS if model.device.type == "cpu" else ("none",)
+    seconds = {}
+    for quantization in candidates:
+        model.prepare_for_inference(quantization)
+        seconds[quantization] = sum(forward_seconds(model, w, repeats) for w in widths)
+    best = min(seconds, key=seconds.get)
+    model.prepare_for_inference(best)
+    return best, seconds
