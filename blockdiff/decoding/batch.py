@@ -43,7 +43,7 @@ class DecodeBatch:
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
         self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
         self.observer = observer
-        self.row_state: list = [None] * len(self.seqs)  # the decoder's own state of each row (quad_spec's draft)
+        self.row_state: list = [None] * len(self.seqs)  # the decoder's own state of each row (quad_spec's draft, infill's gap)
 
     def __len__(self) -> int:
         return len(self.seqs)

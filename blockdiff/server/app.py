@@ -20,10 +20,10 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import blockdiff
-from blockdiff.server.engine import Engine, EngineConfig
 from blockdiff.model.dtype import dtype_name
 from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS
 from blockdiff.server.config import ServerConfig
+from blockdiff.server.engine import Engine, EngineConfig
 from blockdiff.server.errors import TYPES, APIError, error_body, from_validation_error
 from blockdiff.server.handlers import Call, complete, stream
 from blockdiff.server.metrics import ServerMetrics

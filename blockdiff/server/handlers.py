@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from blockdiff.decoding.grammar import GrammarError
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.engine.request import Request, Update
-from blockdiff.server.engine import Engine, EngineStopped, QueueFull
 from blockdiff.sampling import InvalidParameter
+from blockdiff.server.engine import Engine, EngineStopped, QueueFull
 from blockdiff.server.errors import APIError, error_body, from_invalid_parameter
 from blockdiff.server.logprobs import LogprobFormatter, StreamedLogprobs
 from blockdiff.server.prepare import Prepared
