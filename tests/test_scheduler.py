@@ -149,3 +149,15 @@ def test_generate_raises_what_failed(monkeypatch, tmp_path):
     monkeypatch.setattr(decoders.DECODERS["ar"], "start", broken)
     with pytest.raises(torch.cuda.OutOfMemoryError, match="no room"):
         llm.generate("the cat", mode="ar", max_new_tokens=4, use_tqdm=False)
+
+
+def test_generate_hands_every_sequences_step_events_to_on_event(tmp_path):
+    from blockdiff.engine.llm import LLM
+    from support.models import save_tiny_checkpoint
+    llm = LLM(save_tiny_checkpoint(tmp_path / "m"))
+    events = []
+    outs = llm.generate(["the cat", "hello there"], mode="linear_spec", block_length=4, max_new_tokens=10,
+                        use_tqdm=False, on_event=lambda kind, payload: events.append((kind, payload)))
+    committed = [t for kind, p in events if kind == "commit" for t in p["tokens"]]
+    assert len(committed) == sum(len(o.token_ids) for o in outs) > 0
+    assert {kind for kind, _ in events} == {"draft", "verify", "commit"}
