@@ -110,8 +110,10 @@ class Engine:
             self._deliver(self.scheduler.fail_all("the server is shutting down" if self.error is None else self.error))
 
     def _deliver(self, progress: Progress) -> None:
+        logged: set[int] = set()  # a failed group's requests share one exception: log it once
         for request, update in progress:
-            if request.exception is not None and update.error is not None:
+            if request.exception is not None and update.error is not None and id(request.exception) not in logged:
+                logged.add(id(request.exception))
                 log.error("%s", update.error, exc_info=request.exception)
             try:
                 request.on_update(update)
