@@ -10,6 +10,7 @@ import sys
 
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
+from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
 from blockdiff.sampling import DECODING_MODES, MODES, SamplingParams
 
 
@@ -22,6 +23,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default="none", choices=QUANTIZATION_CHOICES,
                    help=QUANTIZATION_HELP)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -77,7 +79,7 @@ def cmd_generate(args) -> None:
     from blockdiff.engine.llm import LLM
     _params(args, args.mode)  # bad values fail before the model loads
     out = _run(LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-              quantization=args.quantization), args, args.mode)
+              quantization=args.quantization, cuda_graphs=args.cuda_graphs), args, args.mode)
     if args.json:
         print(json.dumps(out.to_dict()))
         return
@@ -94,7 +96,7 @@ def cmd_compare(args) -> None:
     for mode in modes:
         _params(args, mode)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-              quantization=args.quantization)
+              quantization=args.quantization, cuda_graphs=args.cuda_graphs)
     llm.generate(args.prompt, max_new_tokens=2, use_tqdm=False)  # one-time kernel set-up is not decoding speed
     outs = {mode: _run(llm, args, mode) for mode in modes}
     reference = outs.get("ar")

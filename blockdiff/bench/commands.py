@@ -8,6 +8,7 @@ from blockdiff import sampling
 from blockdiff.bench.settings import BenchSettings
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
+from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
 
 
 def _list_of(kind, name: str):
@@ -37,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=d.dtype, choices=DTYPE_CHOICES)
     p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATION_CHOICES, help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device, help="cpu or cuda")
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     # MODES is read when the parser is built, so a mode added to blockdiff.sampling shows up here
     p.add_argument("--modes", type=_list_of(str, "--modes"), default=list(sampling.MODES),
                    help=f"comma-separated, any of {', '.join(sampling.MODES)} (ar always runs: it is the reference)")

@@ -41,7 +41,7 @@ def environment() -> dict:
 def model_info(llm) -> dict:
     params = list(llm.model.parameters())
     return {"path": llm.model_path, "adapter": llm.adapter, "dtype": str(llm.model.dtype).removeprefix("torch."),
-            "quantization": llm.model.quantization,
+            "quantization": llm.model.quantization, "cuda_graphs": llm.model.step_graphs is not None,
             "device": str(llm.model.device), "parameters": sum(p.numel() for p in params),
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "mask_token_id": llm.config.mask_token_id}

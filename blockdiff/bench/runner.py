@@ -46,7 +46,7 @@ class _Job:
 def load_llm(settings: BenchSettings):
     from blockdiff.engine.llm import LLM
     return LLM(settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter,
-               quantization=settings.quantization)
+               quantization=settings.quantization, cuda_graphs=settings.cuda_graphs)
 
 
 def time_blockdiff(llm, prompts: list[list[int]], params, batch_size: int) -> Run:

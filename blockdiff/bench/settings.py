@@ -37,6 +37,7 @@ class BenchSettings:
     dtype: str = "auto"
     quantization: str = "none"
     device: str = "cpu"
+    cuda_graphs: bool = False
     prompt_set: str = "chat"
     num_prompts: int | None = None
     modes: list[str] = field(default_factory=lambda: list(sampling.MODES))

@@ -41,7 +41,8 @@ class DecodeBatch:
         self.seqs = list(seqs)
         self.block_length = seqs[0].params.block_length
         capacity = max(len(s.prompt_ids) + s.params.max_new_tokens for s in seqs) + extra_slots
-        self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device)
+        self.cache = KVCache(model.config, len(seqs), capacity, model.dtype, model.device,
+                             static=model.step_graphs is not None)
         self.observer = observer
         self.row_state: list = [None] * len(self.seqs)  # the decoder's own state of each row (quad_spec's draft, infill's gap)
 
@@ -53,7 +54,8 @@ class DecodeBatch:
         """Run the model over (B, T) tokens; each sequence that needed the pass pays one NFE."""
         for seq, needed in zip(self.seqs, counted or [True] * len(self.seqs)):
             seq.metrics.nfe += needed
-        return self.model(tokens, positions, self.cache, pattern, adapter_gate)
+        run = self.model.step_graphs or self.model
+        return run(tokens, positions, self.cache, pattern, adapter_gate)
 
     def draft_pass(self, block: torch.Tensor, counted: list[bool] | None = None) -> torch.Tensor:
         """Bidirectional pass over (B, L) blocks with the draft adapter on for every token: it

@@ -20,6 +20,7 @@ from blockdiff.model.autotune import choose_quantization, forward_width
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
+from blockdiff.model.step_graphs import StepGraphs
 from blockdiff.model.transformer import Transformer
 from blockdiff.sampling import (DEFAULT_BLOCK_LENGTHS, ContextLengthExceeded, InvalidParameter, SamplingParams,
                                 check_token_ids)
@@ -44,9 +45,12 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
-                 auto_modes: tuple[str, ...] = ("ar", "linear_spec"), quantization: str = "none"):
+                 auto_modes: tuple[str, ...] = ("ar", "linear_spec"), quantization: str = "none",
+                 cuda_graphs: bool = False):
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
+        if cuda_graphs and not device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs replays CUDA graphs and needs device='cuda', not {device!r}")
         torch_dtype = resolve_dtype(dtype, device)
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls by up to 9x
         source = resolve_model(model)
@@ -74,6 +78,8 @@ class LLM:
             _, self.quantization_seconds = choose_quantization(self.model, widths)
         else:
             self.model.prepare_for_inference(quantization)
+        if cuda_graphs:
+            self.model.step_graphs = StepGraphs(self.model)
 
     def make_scheduler(self, max_running: int | None = None) -> Scheduler:
         """The driver of every decode: generate() makes one per call, the server's engine thread

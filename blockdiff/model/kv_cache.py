@@ -5,6 +5,13 @@ then attends over the valid prefix plus those slots. Whether the new entries bec
 of the cache is decided afterwards, by `advance` (append) or by doing nothing
 (attend-without-write: the slots past the valid length are scratch). `crop` rolls rows
 back after rejected speculation. Rows may have different lengths (ragged acceptance).
+
+A static cache plans every forward without reading the host: its tokens go to slots computed
+on the device from a device copy of the lengths, and every forward attends over the whole
+capacity. A forward's shapes and the addresses it touches then depend only on its (B, T), so
+it can be captured once and replayed (model/step_graphs.py). The results are the same as a
+dynamic cache's: the keys past a row's span are masked, and a masked key adds exact zeros
+(model/attention.py).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ def aligned(n: int) -> int:
 
 class KVCache:
     def __init__(self, config: ModelConfig, batch: int, capacity: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", static: bool = False):
         capacity = aligned(capacity)
         shape = (config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim)
         # Zeros, not empty: masked slots still enter the attention matmul and must be finite.
@@ -33,17 +40,30 @@ class KVCache:
         self.capacity = capacity
         self._slots: torch.Tensor | None = None  # (B, T) where this forward's tokens go
         self._start: int | None = None  # the common start slot when every row has the same length
-        self.span = 0  # keys a forward attends over: max(lengths) + T, aligned
+        self.span = 0  # keys a forward attends over: max(lengths) + T, aligned (static: the capacity)
+        self.static = static
+        # the lengths on the device, written by the host-side methods below (static caches only)
+        self.device_lengths = self.lengths.to(device) if static else None
 
     @property
     def batch(self) -> int:
         return self.lengths.shape[0]
 
-    def begin(self, num_new: int) -> None:
-        """Plan where a forward's `num_new` tokens are written; called once per forward."""
+    def check_room(self, num_new: int) -> int:
+        """The slots a forward of `num_new` tokens needs; raises when they exceed the capacity."""
         needed = int(self.lengths.max()) + num_new
         if needed > self.capacity:
             raise RuntimeError(f"KV cache overflow: need {needed} slots, capacity {self.capacity}")
+        return needed
+
+    def begin(self, num_new: int) -> None:
+        """Plan where a forward's `num_new` tokens are written; called once per forward."""
+        needed = self.check_room(num_new)
+        if self.static:
+            self.span, self._start = self.capacity, None
+            offsets = torch.arange(num_new, device=self.k.device)
+            self._slots = self.device_lengths[:, None] + offsets  # (B, T)
+            return
         self.span = aligned(needed)
         if bool((self.lengths == self.lengths[0]).all()):
             self._start, self._slots = int(self.lengths[0]), None
@@ -68,12 +88,14 @@ class KVCache:
     def advance(self, counts: torch.Tensor | list[int] | int) -> None:
         """Make the first `counts[b]` tokens of the last forward part of row b's cache."""
         self.lengths += torch.as_tensor(counts, dtype=torch.long)
+        self._sync_device_lengths()
 
     def crop(self, lengths: torch.Tensor | list[int]) -> None:
         lengths = torch.as_tensor(lengths, dtype=torch.long)
         if bool((lengths > self.lengths).any()) or bool((lengths < 0).any()):
             raise ValueError(f"crop can only shorten rows: {self.lengths.tolist()} -> {lengths.tolist()}")
         self.lengths = lengths.clone()
+        self._sync_device_lengths()
 
     def keep_rows(self, rows: list[int]) -> None:
         """Drop finished sequences so later forwards skip them."""
@@ -81,6 +103,7 @@ class KVCache:
         self.k = self.k.index_select(1, index.to(self.k.device))
         self.v = self.v.index_select(1, index.to(self.v.device))
         self.lengths = self.lengths.index_select(0, index)
+        self._sync_device_lengths(resized=True)
 
     def merge(self, other: "KVCache") -> None:
         """Append `other`'s rows below this cache's (continuous batching admits newcomers this way).
@@ -93,6 +116,17 @@ class KVCache:
         self.v = torch.cat([_pad_slots(self.v, capacity), _pad_slots(other.v.to(self.v.device), capacity)], dim=1)
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.capacity = capacity
+        self._sync_device_lengths(resized=True)
+
+    def _sync_device_lengths(self, resized: bool = False) -> None:
+        """Copy the host's lengths into the device buffer in place (its address is part of a
+        captured forward), or into a new one when the rows changed."""
+        if not self.static:
+            return
+        if resized:
+            self.device_lengths = self.lengths.to(self.k.device)
+        else:
+            self.device_lengths.copy_(self.lengths)
 
 
 def _pad_slots(x: torch.Tensor, capacity: int) -> torch.Tensor:

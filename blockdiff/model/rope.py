@@ -38,11 +38,16 @@ class Rotary:
     def __init__(self, rope: RopeConfig, head_dim: int):
         self.rope = rope
         self.inv_freq, self.attention_factor = yarn_inv_freq(rope, head_dim)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}  # copies made once, not per forward
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T) positions -> cos and sign-folded sin, each (B, T, 1, D), for `apply_rotary`."""
-        inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+        angles = positions.float()[..., None] * self._inv_freq(positions.device)  # (B, T, D/2)
         cos = torch.cat([angles.cos(), angles.cos()], dim=-1) * self.attention_factor  # (B, T, D)
         sin = torch.cat([-angles.sin(), angles.sin()], dim=-1) * self.attention_factor  # (B, T, D)
         return cos.to(dtype)[:, :, None], sin.to(dtype)[:, :, None]  # (B, T, 1, D)

@@ -11,7 +11,7 @@ from torch import nn
 
 from blockdiff.config import ModelConfig
 from blockdiff.model.attention import grouped_attention, sdpa_attention
-from blockdiff.model.attention_mask import AttentionMask, Pattern
+from blockdiff.model.attention_mask import AttentionMask, Pattern, visibility
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, FusedLinear, InferenceWeight, inference_weight, linear
 from blockdiff.model.quantize import QUANTIZATIONS
@@ -111,6 +111,8 @@ class Transformer(nn.Module):
         self._packed_head: InferenceWeight = None
         self.quantization = "none"
         self.sampler_head: SamplerHead | None = None  # part of a draft adapter (model/sampler_head.py)
+        # decode steps through captured graphs over static caches (model/step_graphs.py), or None
+        self.step_graphs = None
 
     def prepare_for_inference(self, quantization: str = "none") -> None:
         """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
@@ -146,20 +148,27 @@ class Transformer(nn.Module):
         positions default to each row's cache length onward. With a cache, the new keys and
         values are stored past the valid length; the caller commits them with cache.advance.
         adapter_gate: (B, T) bool/0-1, which tokens use the draft adapter (None: none do).
+        With a static cache (kv_cache.py) nothing here reads the host or copies to the device
+        when the inputs are on the device already: the forward can be captured (step_graphs.py).
         """
         B, T = input_ids.shape
-        lengths = torch.zeros(B, dtype=torch.long) if cache is None else cache.lengths
+        static = cache is not None and cache.static
         if cache is not None:
             cache.begin(T)
+        if static:
+            lengths = cache.device_lengths
+            mask = AttentionMask(visibility(pattern, lengths, T, cache.span, self.device), False)
+        else:
+            lengths = torch.zeros(B, dtype=torch.long) if cache is None else cache.lengths
+            mask = AttentionMask.build(pattern, lengths, T, T if cache is None else cache.span, self.device)
         if positions is None:
-            positions = lengths[:, None] + torch.arange(T)  # (B, T)
-        span = T if cache is None else cache.span
-        mask = AttentionMask.build(pattern, lengths, T, span, self.device)
+            positions = lengths[:, None] + torch.arange(T, device=lengths.device)  # (B, T)
         positions = positions.to(self.device)
         cos, sin = self.rotary.cos_sin(positions, self.dtype)
         rope = (cos, sin, self.rotary.query_scale(positions, self.dtype))
         gate = None
-        if adapter_gate is not None and bool(adapter_gate.any()):
+        # a static forward applies a gate it is given even when it is all 0: same result, no host read
+        if adapter_gate is not None and (static or bool(adapter_gate.any())):
             gate = adapter_gate.to(self.device, self.dtype)[..., None]  # (B, T, 1)
         x = self.embed_tokens(input_ids.to(self.device))  # (B, T, hidden)
         for i, layer in enumerate(self.layers):

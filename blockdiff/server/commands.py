@@ -6,6 +6,7 @@ import logging
 
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
+from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
 from blockdiff.sampling import MODES
 from blockdiff.server.config import ServerConfig
 
@@ -23,6 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--quantization", default=d.quantization, choices=QUANTIZATION_CHOICES,
                    help=QUANTIZATION_HELP)
     p.add_argument("--device", default=d.device)
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.add_argument("--adapter", default=None, help="a LoRA draft adapter directory")
     p.add_argument("--mode", default=d.mode, choices=MODES, help="decoding mode for requests that set none")
     p.add_argument("--auto-modes", default=d.auto_modes,
@@ -65,7 +67,8 @@ def cmd_serve(args) -> None:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
-              auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization)
+              auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization,
+              cuda_graphs=config.cuda_graphs)
     app = build_app(llm, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout_s)

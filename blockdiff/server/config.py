@@ -13,6 +13,7 @@ class ServerConfig:
     dtype: str = "auto"
     quantization: str = "none"  # model/quantize.py
     device: str = "cpu"
+    cuda_graphs: bool = False  # model/step_graphs.py
     adapter: str | None = None
     # defaults for requests that do not set them
     mode: str = "auto"  # the fastest lossless mode, measured at the current load

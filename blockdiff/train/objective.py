@@ -168,6 +168,7 @@ def counts(loss_mask: torch.Tensor) -> torch.Tensor:
 class FrozenPrefix:
     """The clean half's keys/values as a read-only cache: the noisy pass attends to them and
     to its own keys without writing in place (in-place cache writes would break autograd)."""
+    static = False  # planned on the host, like a dynamic KVCache
 
     def __init__(self, cache: KVCache):
         n = int(cache.lengths.max())  # the valid slots: a cache's capacity is rounded up

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # There, on the device machine: the GPU numbers issue 5 asks for.
 #
-#   bash scripts/gpu/bench.sh [tiny] [default] [eval]      (all three without arguments)
+#   bash scripts/gpu/bench.sh [tiny] [graphs] [default] [eval]      (all four without arguments)
 #
 #   tiny     benchmarks/modes.py on `tiny` (tracked in the repo: runs before the GGUF arrives)
+#   graphs   the same with --cuda-graphs (model/step_graphs.py), to set beside `tiny`: the first
+#            run of the captured steps, so its tokens (same as ar) are the check, its tok/s the gain
 #   default  modes.py on the default model with the adapter drafter.sh trained (ADAPTER)
 #   eval     blockdiff eval (code + QA): ar, diffusion at three thresholds, linear_spec
 # All modes, batch 1, 4 and 16, bf16. Back through $OUT: modes-NAME.{md,json}, eval.json and
@@ -33,10 +35,13 @@ adapter() {
     [ -d "$ADAPTER" ] || { echo "no adapter at $ADAPTER: run drafter.sh first (on this machine)" >&2; exit 1; }
 }
 
-for section in "${@:-tiny default eval}"; do
+for section in "${@:-tiny graphs default eval}"; do
     for part in $section; do
         case $part in
         tiny) bench modes-tiny --model tiny --prompt-set code ;;
+        graphs)
+            if [ "$DEVICE" = cuda ]; then bench modes-tiny-graphs --model tiny --prompt-set code --cuda-graphs
+            else echo "graphs: CUDA graphs need a GPU; skipped on $DEVICE"; fi ;;
         default) need_default_model; adapter; bench modes-default --prompt-set chat --adapter "$ADAPTER" ;;
         eval)
             need_default_model; adapter
@@ -45,7 +50,7 @@ for section in "${@:-tiny default eval}"; do
                 --thresholds 0.5,0.7,0.9 --block-length 32 --adapter "$ADAPTER" --device "$DEVICE" --dtype "$DTYPE" \
                 "${EVAL[@]}" --out runs/gpu/eval
             [ -f runs/gpu/eval/results.json ] && cp runs/gpu/eval/results.json "$OUT/eval.json" ;;
-        *) echo "unknown section $part (tiny, default, eval)" >&2; exit 2 ;;
+        *) echo "unknown section $part (tiny, graphs, default, eval)" >&2; exit 2 ;;
         esac
     done
 done
