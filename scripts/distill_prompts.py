@@ -12,7 +12,9 @@ Sources, mixed and shuffled with a fixed seed so any prefix is a fair sample:
 - optionally (--wordnet-dir) everyday things from WordNet (Debian wordnet-base): animals,
   plants, foods, objects, artifacts, phenomena, processes and events that the tagged corpus
   uses, each with a question shaped like a chat request ("How does a kettle work?",
-  "What causes frost?"), for topics far beyond the hand-written list.
+  "What causes frost?"), for topics far beyond the hand-written list; --wordnet-files picks
+  other kinds (acts, qualities, feelings, places, people's roles...: the second slice,
+  data/distill-prompts-wordnet2.jsonl).
 The prompts of benchmarks/ and the evaluation task set are held out: any prompt that names
 one of their topics is dropped, so measured acceptance is on prompts never trained on.
 """
@@ -152,12 +154,24 @@ WORDNET_TEMPLATES = {
     22: ["Explain how {} works.", "Why does {} happen?"],
     11: ["Describe {} in a short paragraph.", "Write a short story about {}."],
     27: ["What is {} made of?", "What is {} used for?"],
+    # a second slice (--wordnet-files 4,7,8,9,10,12,15,18,26): acts, qualities, the body, ideas,
+    # kinds of writing and speech, feelings, places, people's roles, states
+    4: ["What are three tips for {}?", "How do I get started with {}?", "Explain what {} involves in two sentences."],
+    7: ["What does {} mean? Give an example.", "Why does {} matter?"],
+    8: ["What does the {} do in the human body?", "How can I keep my {} healthy?"],
+    9: ["Explain {} to a beginner.", "Give me three facts about {}.", "Why is {} important?"],
+    10: ["What is {}? Answer briefly.", "Write a short paragraph about {}."],
+    12: ["How can I deal with {}?", "Write a short poem about {}.", "What causes {}?"],
+    15: ["Describe {} in a short paragraph.", "What is {} known for?"],
+    18: ["What does a {} do?", "Write a short story about a {}.", "What skills does a {} need?"],
+    26: ["What causes {}?", "Explain {} in two sentences."],
 }
+WORDNET_THINGS = (5, 6, 11, 13, 17, 19, 20, 22, 27)  # the first slice: data/distill-prompts-wordnet.jsonl
 
 
-def wordnet_topics(wordnet_dir: Path, limit: int) -> list[str]:
-    """Nouns whose most frequent sense falls in one of WORDNET_TEMPLATES' files and that the
-    tagged corpus (SemCor) uses at least once, each asked one of its file's requests."""
+def wordnet_topics(wordnet_dir: Path, limit: int, files: tuple[int, ...] = WORDNET_THINGS) -> list[str]:
+    """Nouns whose most frequent sense falls in one of `files` (WORDNET_TEMPLATES' keys) and
+    that the tagged corpus (SemCor) uses at least once, each asked one of its file's requests."""
     lex_file = {}
     for line in (wordnet_dir / "data.noun").read_text(encoding="utf-8", errors="replace").splitlines():
         if not line.startswith(" "):
@@ -170,7 +184,8 @@ def wordnet_topics(wordnet_dir: Path, limit: int) -> list[str]:
         fields = line.split()  # lemma pos synset_cnt p_cnt [ptr x p_cnt] sense_cnt tagsense_cnt offsets...
         lemma, pointers = fields[0], int(fields[3])
         tagged, first_sense = int(fields[5 + pointers]), fields[6 + pointers]
-        templates = WORDNET_TEMPLATES.get(lex_file.get(first_sense, -1))
+        lex = lex_file.get(first_sense, -1)
+        templates = WORDNET_TEMPLATES[lex] if lex in files else None
         if templates and tagged >= 1 and re.fullmatch(r"[a-z]+(_[a-z]+)?", lemma):
             topic = lemma.replace("_", " ")
             prompts.append(templates[len(prompts) % len(templates)].format(topic))
@@ -188,11 +203,13 @@ def main() -> None:
     p.add_argument("--api", action="store_true", help="add a question per documented function and method")
     p.add_argument("--wordnet-dir", type=Path, help="wordnet-base's share/wordnet directory")
     p.add_argument("--wordnet-limit", type=int, default=100000, help="at most this many WordNet prompts")
+    p.add_argument("--wordnet-files", type=lambda t: tuple(int(x) for x in t.split(",")), default=WORDNET_THINGS,
+                   help="WordNet lexicographer files to take nouns from (comma-separated; WORDNET_TEMPLATES)")
     p.add_argument("--exclude", type=Path, nargs="*", default=[], help="prompt sets (jsonl) whose prompts to leave out")
     args = p.parse_args()
     prompts = templated() + stdlib_functions(args.stdlib_limit)
     if args.wordnet_dir:
-        prompts += wordnet_topics(args.wordnet_dir, args.wordnet_limit)
+        prompts += wordnet_topics(args.wordnet_dir, args.wordnet_limit, args.wordnet_files)
     if args.doc_dir:
         prompts += library_titles(args.doc_dir) + (api_entries(args.doc_dir) if args.api else [])
     if args.fortunes_dir:
