@@ -46,9 +46,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     if S % KEY_CHUNK:
         k, v, bias = _pad_keys(k, v, bias, KEY_CHUNK - S % KEY_CHUNK)
         S = k.shape[2]
-    wide = torch.promote_types(q.dtype, torch.float32)  # float64 models (tests) stay float64
-    q = q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, M, D).to(wide)  # (B, Hkv, G*T, D)
-    scores = torch.matmul(_at_least_rows(q, MIN_ROWS), k.to(wide).transpose(-1, -2))[:, :, :M]  # (B, Hkv, G*T, S)
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 models (tests) stay float64
+    q = _as(q.reshape(B, T, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(B, Hkv, M, D), wide)  # (B, Hkv, G*T, D)
+    scores = torch.matmul(_at_least_rows(q, MIN_ROWS), _as(k, wide).transpose(-1, -2))[:, :, :M]  # (B, Hkv, G*T, S)
     if bias is None:
         scores = scores.mul_(D ** -0.5)
     else:
@@ -56,9 +56,14 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: t
     probs = torch.softmax(scores, dim=-1)  # (B, Hkv, G*T, S)
     n = S // KEY_CHUNK
     probs = probs.view(B, Hkv, M, n, KEY_CHUNK).transpose(2, 3)  # (B, Hkv, n, G*T, C): one product per key chunk
-    values = v.to(wide).view(B, Hkv, n, KEY_CHUNK, D)  # (B, Hkv, n, C, D)
+    values = _as(v, wide).view(B, Hkv, n, KEY_CHUNK, D)  # (B, Hkv, n, C, D)
     y = torch.matmul(_at_least_rows(probs, MIN_ROWS), values)[..., :M, :].sum(2)  # (B, Hkv, G*T, D)
-    return y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D).to(v.dtype)  # (B, T, H*D)
+    return _as(y.view(B, Hkv, G, T, D).permute(0, 3, 1, 2, 4).reshape(B, T, H * D), v.dtype)  # (B, T, H*D)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in `dtype`; a no-op conversion is skipped here, where it would still cost a dispatch."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def _at_least_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -62,9 +62,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight
     """
     rows = x.reshape(-1, x.shape[-1])  # (N, in)
     # only the packed (inference) products are chunked: training's unpacked ones keep one call
-    chunks = rows.split(MAX_PRODUCT_ROWS) if packed is not None else (rows,)  # (<= MAX_PRODUCT_ROWS, in) each
-    products = [_product(chunk, weight, packed) for chunk in chunks]
-    y = products[0] if len(products) == 1 else torch.cat(products)  # (N, out)
+    if packed is None or rows.shape[0] <= MAX_PRODUCT_ROWS:
+        y = _product(rows, weight, packed)  # (N, out)
+    else:
+        y = torch.cat([_product(chunk, weight, packed) for chunk in rows.split(MAX_PRODUCT_ROWS)])  # (N, out)
     return y.reshape(*x.shape[:-1], y.shape[-1])  # (..., out)
 
 
@@ -77,7 +78,7 @@ def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: InferenceW
     if n == 1:
         rows = rows.expand(2, -1)  # (2, in)
     y = packed_linear(rows, packed) if packed is not None else F.linear(rows, weight)  # (n or 2, out)
-    return y[:n]
+    return y[:1] if n == 1 else y
 
 
 class AdaptableLinear(nn.Linear):

@@ -27,9 +27,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and scale in the model dtype, as the reference implementations do
-        # (bf16 variance loses bits); ATen's fused kernel is one op where the formula is five.
-        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * normed.to(x.dtype)
+        # (bf16 variance loses bits); ATen's fused kernel is one op where the formula is five,
+        # and in float32 it scales too.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -53,10 +55,9 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, gate):
         H, Hkv = self.num_heads, self.num_kv_heads
-        qkv = self.project(x, gate)  # (B, T, H+2Hkv, D)
+        qk, v = self.project(x, gate).split([H + Hkv, Hkv], dim=2)  # (B, T, H+Hkv, D), (B, T, Hkv, D)
         cos, sin, q_scale = rope
-        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # (B, T, H+Hkv, D): one rotation for both
-        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]
+        q, k = apply_rotary(qk, cos, sin).split([H, Hkv], dim=2)  # one rotation for both: (B, T, H|Hkv, D)
         if q_scale is not None:
             q = q * q_scale
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
