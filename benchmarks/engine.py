@@ -1,11 +1,12 @@
 """Engine speed of source trees against each other, in one run: forward cost by width and
 decode speed by mode, with the spec modes' "same as ar" count.
 
-    .venv/bin/python benchmarks/engine.py [--trees . ../old-checkout] [--dtype auto] [--rounds 3]
+    .venv/bin/python benchmarks/engine.py [--trees . ../old-checkout] [--quantizations none,fp16]
+                                          [--dtype auto] [--rounds 3]
 
-Each round runs one worker process per tree, in alternating order (A B, then B A, ...), so
-drift of a shared VM falls on every tree alike; the table gives each figure's median over
-rounds. A worker imports blockdiff from its tree, so any commit can be a baseline
+Each round runs one worker process per tree and weight format, in alternating order (A B,
+then B A, ...), so drift of a shared VM falls on every column alike; the table gives each
+figure's median over rounds. A worker imports blockdiff from its tree, so any commit can be a baseline
 (`git worktree add ../old <commit>`).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ WIDTHS = (1, 4, 8, 16, 32, 72)
 MODES = (("ar", 32), ("linear_spec", 8), ("linear_spec", 32), ("quad_spec", 4), ("diffusion", 32))
 
 
-def worker(dtype: str, num_prompts: int, max_new_tokens: int, repeats: int) -> dict:
+def worker(dtype: str, quantization: str, num_prompts: int, max_new_tokens: int, repeats: int) -> dict:
     import torch
 
     import blockdiff
@@ -32,7 +33,7 @@ def worker(dtype: str, num_prompts: int, max_new_tokens: int, repeats: int) -> d
     from blockdiff.model.kv_cache import KVCache
 
     torch.set_num_threads(2)
-    llm = LLM(dtype=dtype)
+    llm = LLM(dtype=dtype, quantization=quantization)
     model = llm.model
     result = {"source": str(Path(blockdiff.__file__).parents[1]), "dtype": str(model.dtype), "forward_ms": {}, "tok_s": {}, "same_as_ar": {}}
     with torch.inference_mode():
@@ -63,15 +64,17 @@ def worker(dtype: str, num_prompts: int, max_new_tokens: int, repeats: int) -> d
     return result
 
 
-def run_worker(tree: str, args) -> dict:
+def run_worker(tree: str, quantization: str, args) -> dict:
     env = {**os.environ, "PYTHONPATH": str(Path(tree).resolve())}
-    cmd = [sys.executable, __file__, "--worker", "--dtype", args.dtype, "--num-prompts", str(args.num_prompts),
-           "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+    cmd = [sys.executable, __file__, "--worker", "--dtype", args.dtype, "--quantizations", quantization,
+           "--num-prompts", str(args.num_prompts), "--max-new-tokens", str(args.max_new_tokens),
+           "--repeats", str(args.repeats)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def table(trees: list[str], runs: dict[str, list[dict]]) -> str:
+    """One column per key of `runs` (a tree, or a tree and a weight format), in `trees` order."""
     def median(tree, section, key):
         return statistics.median(r[section][key] for r in runs[tree])
 
@@ -89,6 +92,7 @@ def table(trees: list[str], runs: dict[str, list[dict]]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--trees", nargs="+", default=["."], help="source trees to compare (each holds blockdiff/)")
+    ap.add_argument("--quantizations", default="none", help="comma-separated weight formats, a column each per tree")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--num-prompts", type=int, default=8)
@@ -97,19 +101,23 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.dtype, args.num_prompts, args.max_new_tokens, args.repeats)))
+        print(json.dumps(worker(args.dtype, args.quantizations, args.num_prompts, args.max_new_tokens, args.repeats)))
         return
-    runs: dict[str, list[dict]] = {t: [] for t in args.trees}
+    quantizations = args.quantizations.split(",")
+    columns = {(f"{tree} {q}" if len(quantizations) > 1 else tree): (tree, q)
+               for tree in args.trees for q in quantizations}
+    runs: dict[str, list[dict]] = {name: [] for name in columns}
     for r in range(args.rounds):
-        for tree in (args.trees if r % 2 == 0 else args.trees[::-1]):
-            runs[tree].append(run_worker(tree, args))
-            assert Path(runs[tree][-1]["source"]) == Path(tree).resolve(), runs[tree][-1]["source"]
-            print(f"round {r + 1}: {tree} done", file=sys.stderr, flush=True)
+        for name in (list(columns) if r % 2 == 0 else list(columns)[::-1]):
+            tree, quantization = columns[name]
+            runs[name].append(run_worker(tree, quantization, args))
+            assert Path(runs[name][-1]["source"]) == Path(tree).resolve(), runs[name][-1]["source"]
+            print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
     with open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    print(f"{cpu}, dtype {args.dtype} ({runs[args.trees[0]][0]['dtype']}), 2 threads, "
+    print(f"{cpu}, dtype {args.dtype} ({next(iter(runs.values()))[0]['dtype']}), 2 threads, "
           f"median of {args.rounds} rounds\n")
-    print(table(args.trees, runs))
+    print(table(list(columns), runs))
 
 
 if __name__ == "__main__":

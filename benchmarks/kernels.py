@@ -29,12 +29,19 @@ def int8_product(weight: torch.Tensor):
     return lambda x: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
 
 
+def fp16_product(weight: torch.Tensor):
+    packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
+    bias = torch.zeros(weight.shape[0])
+    return lambda x: torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+
+
 def formats() -> dict:
     """name -> (weight -> product function), for the formats this CPU supports."""
     out = {"float32 packed": lambda w: (lambda p: lambda x: linear(x, w, p))(pack_for_cpu(w))}
     if pack_for_cpu(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None:
         out["bf16 packed"] = lambda w: (lambda b: (lambda p: lambda x: linear(x.bfloat16(), b, p))(pack_for_cpu(b)))(
             w.bfloat16())
+    out["fp16 weights (fbgemm)"] = fp16_product
     out["int8 weight-only"] = int8_product
     out["int4 weight-only"] = lambda w: quantize_int4(w)
     return out

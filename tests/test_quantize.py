@@ -1,11 +1,13 @@
-"""Weight-only int4 (model/quantize.py): the codes reproduce Q4_1-shaped weights exactly,
-round to nearest otherwise, and a quantized model decodes the same tokens in every lossless
-mode (row independence: tests/test_width_invariance.py)."""
+"""Weight-only int4 and fp16 (model/quantize.py): int4 codes reproduce Q4_1-shaped weights
+exactly and round to nearest otherwise, fp16 multiplies by the weights rounded to half
+precision, and a quantized model decodes the same tokens in every lossless mode (row
+independence: tests/test_width_invariance.py)."""
 import pytest
 import torch
 
 from blockdiff import LLM
-from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_int4
+from blockdiff.model import quantize
+from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_fp16, quantize_int4
 from support.models import attach_random_draft_adapter, run, tiny_model
 
 
@@ -41,10 +43,40 @@ def test_shapes_the_kernel_cannot_take_are_refused():
         tiny_model().prepare_for_inference("int3")
 
 
+def test_fp16_multiplies_by_the_half_precision_weights():
+    torch.manual_seed(2)
+    weight, x = torch.randn(40, 24) * 0.1, torch.randn(9, 24)
+    expected = x.double() @ weight.half().double().T  # (9, 40)
+    assert torch.allclose(quantize_fp16(weight)(x).double(), expected, rtol=0, atol=1e-5)
+    assert not torch.allclose(quantize_fp16(weight)(x).double(), x.double() @ weight.double().T, rtol=0, atol=1e-6)
+
+
+def test_the_fp16_row_check_fails_without_the_padding(monkeypatch):
+    """fbgemm's one- and two-row blocks sum in another order: without the padding the check
+    that guards the format must see it."""
+    quantize.fp16_rows_are_independent.cache_clear()
+    assert quantize.fp16_rows_are_independent()
+    monkeypatch.setattr(quantize.Fp16Weight, "__call__",
+                        lambda self, rows: torch.ops.quantized.linear_dynamic_fp16(rows, self.packed))
+    quantize.fp16_rows_are_independent.cache_clear()
+    try:
+        assert not quantize.fp16_rows_are_independent()
+        with pytest.raises(ValueError, match="another result"):
+            tiny_model().prepare_for_inference("fp16")
+    finally:
+        quantize.fp16_rows_are_independent.cache_clear()
+
+
+def test_fp16_serves_float32_models_only():
+    with pytest.raises(ValueError, match="float32 models"):
+        tiny_model().to(torch.bfloat16).prepare_for_inference("fp16")
+
+
+@pytest.mark.parametrize("quantization", ["int4", "fp16"])
 @pytest.mark.parametrize("mode,block", [("linear_spec", 4), ("quad_spec", 3)])
-def test_quantized_spec_modes_equal_quantized_ar(mode, block):
+def test_quantized_spec_modes_equal_quantized_ar(mode, block, quantization):
     model = attach_random_draft_adapter(tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128))
-    model.prepare_for_inference("int4")
+    model.prepare_for_inference(quantization)
     prompts = [[1, 2, 3, 4, 5], [7], [3] * 13, [9, 8]]
     ar = [s.output_ids for s in run(model, prompts, max_new_tokens=24, ignore_eos=True, mode="ar")]
     spec = [s.output_ids for s in run(model, prompts, max_new_tokens=24, ignore_eos=True, mode=mode,
@@ -52,11 +84,14 @@ def test_quantized_spec_modes_equal_quantized_ar(mode, block):
     assert spec == ar
 
 
-def test_llm_quantizes_every_product(tiny_dir):
-    llm = LLM(tiny_dir, dtype="float32", quantization="int4")
+@pytest.mark.parametrize("quantization,kind", [("int4", "Int4Weight"), ("fp16", "Fp16Weight")])
+def test_llm_quantizes_every_product(tiny_dir, quantization, kind):
+    llm = LLM(tiny_dir, dtype="float32", quantization=quantization)
     layer = llm.model.layers[0]
-    assert type(layer.mlp.down_proj.packed).__name__ == "Int4Weight"
-    assert type(layer.self_attn.qkv.packed).__name__ == "Int4Weight"
+    assert type(layer.mlp.down_proj.packed).__name__ == kind
+    assert type(layer.self_attn.qkv.packed).__name__ == kind
+    if quantization == "fp16":  # int4 needs an output size divisible by 16, which tiny's head (300) is not
+        assert type(llm.model._packed_head).__name__ == kind
     plain = LLM(tiny_dir, dtype="float32")
     a = llm.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
     b = plain.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
@@ -65,14 +100,14 @@ def test_llm_quantizes_every_product(tiny_dir):
 
 def test_auto_picks_the_format_fastest_at_the_widths_asked_and_leaves_the_model_in_it(monkeypatch):
     """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the widths
-    decide, and the model is left prepared in the winner."""
+    decide, and the model is left prepared in the winner (fp16, timed last, losing both)."""
     from blockdiff.model import autotune
-    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("none", 8): 2.5, ("int4", 8): 4.0}
+    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("fp16", 1): 3.0, ("none", 8): 2.5, ("int4", 8): 4.0, ("fp16", 8): 3.0}
     monkeypatch.setattr(autotune, "forward_seconds", lambda model, width, repeats: cost[(model.quantization, width)])
     model = tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128)
-    assert autotune.choose_quantization(model, [1]) == ("int4", {"none": 2.0, "int4": 1.0})
+    assert autotune.choose_quantization(model, [1]) == ("int4", {"none": 2.0, "int4": 1.0, "fp16": 3.0})
     assert model.quantization == "int4" and type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
-    assert autotune.choose_quantization(model, [1, 8]) == ("none", {"none": 4.5, "int4": 5.0})
+    assert autotune.choose_quantization(model, [1, 8]) == ("none", {"none": 4.5, "int4": 5.0, "fp16": 6.0})
     assert model.quantization == "none" and type(model.layers[0].mlp.down_proj.packed).__name__ != "Int4Weight"
 
 
@@ -81,9 +116,10 @@ def test_forward_widths_of_each_mode():
     assert [forward_width(m, 4) for m in ("ar", "diffusion", "linear_spec", "quad_spec")] == [1, 4, 4, 20]
 
 
-def test_llm_auto_quantization_measures_both_formats_and_stays_lossless(tiny_dir):
+def test_llm_auto_quantization_measures_every_format_and_stays_lossless(tiny_dir):
     llm = LLM(tiny_dir, dtype="float32", quantization="auto")
-    assert set(llm.quantization_seconds) == {"none", "int4"} and all(s > 0 for s in llm.quantization_seconds.values())
+    assert set(llm.quantization_seconds) == {"none", "int4", "fp16"}
+    assert all(s > 0 for s in llm.quantization_seconds.values())
     assert llm.model.quantization == min(llm.quantization_seconds, key=llm.quantization_seconds.get)
     ar, spec = (llm.generate("the cat", mode=m, max_new_tokens=12, ignore_eos=True, use_tqdm=False)[0]
                 for m in ("ar", "linear_spec"))

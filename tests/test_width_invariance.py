@@ -20,26 +20,30 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
 
 
-@pytest.fixture(scope="module", params=["none", "int4"])
+@pytest.fixture(scope="module", params=["none", "int4", "fp16"])
 def native_llm(request):
     """The default model in its default dtype for this machine (bf16 where native), as it is
-    and quantized to int4."""
+    and quantized to int4; with fp16 weights in float32, the dtype that format serves."""
+    if request.param == "fp16":
+        return LLM(dtype="float32", quantization="fp16")
     return LLM(quantization=request.param)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4"])
+@pytest.mark.parametrize("quantization", ["none", "int4", "fp16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
 @torch.inference_mode()
 def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out, quantization):
+    if quantization == "fp16" and dtype != torch.float32:
+        pytest.skip("fp16 weights serve float32 models")
     torch.manual_seed(0)
     weight = (torch.randn(fan_out, fan_in) * fan_in ** -0.5).to(dtype)
     packed = inference_weight(weight, quantization)
     # every width up to a batch of 16 quad_spec steps at L=4 (16 x 20 rows): on an AMX Xeon
     # oneDNN sums down_proj's rows in another order at some widths between 150 and 256. The
     # int4 kernel computes each row apart at a cost that grows with the rows: a sample there.
-    n = 320 if quantization == "none" else 130
-    widths = range(2, n + 1) if quantization == "none" else [*range(2, 18), 33, 64, 129, 130]
+    n = 320 if quantization != "int4" else 130
+    widths = range(2, n + 1) if quantization != "int4" else [*range(2, 18), 33, 64, 129, 130]
     x = torch.randn(n, fan_in).to(dtype)
     alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(n)])  # one forward per row
     differing = [w for w in widths if not torch.equal(linear(x[:w], weight, packed), alone[:w])]

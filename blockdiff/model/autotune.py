@@ -5,8 +5,9 @@ One format serves every width: a row's logits must not depend on its forward's w
 spec modes would stop equalling `ar`, so a model cannot read int4 weights for one-token steps
 and float ones for verify passes. Which format wins depends on the hardware and on the widths:
 int4 reads a quarter of bf16's bytes, which pays in one-token steps on an AMX Xeon, and
-computes more per row, which loses in wide passes and everywhere on an AVX2 CPU
-(benchmarks/RESULTS.md). So the choice is measured, as vLLM and llama.cpp tune kernels, not
+computes more per row, which loses in wide passes and everywhere on an AVX2 CPU; fp16
+weights (float32 models only) halve float32's bytes through fbgemm, which pays on AVX2 CPUs
+up to a few dozen rows (benchmarks/RESULTS.md). So the choice is measured, as vLLM and llama.cpp tune kernels, not
 guessed: the sum of one forward per width over a short cache, the median of a few repeats.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 import torch
 
 from blockdiff.model.kv_cache import KVCache
-from blockdiff.model.quantize import QUANTIZATIONS
+from blockdiff.model.quantize import QUANTIZATIONS, unavailable
 from blockdiff.model.transformer import Transformer
 
 CONTEXT = 64  # cached tokens each timed forward attends over
@@ -46,8 +47,9 @@ def forward_seconds(model: Transformer, width: int, repeats: int) -> float:
 
 def choose_quantization(model: Transformer, widths: list[int], repeats: int = 3) -> tuple[str, dict[str, float]]:
     """Prepare the model with the format whose forwards at `widths` take the least time in sum;
-    -> (its name, {format: seconds}). Off the CPU only "none" runs (ATen's int4 kernel is CPU-only)."""
-    candidates = QUANTIZATIONS if model.device.type == "cpu" else ("none",)
+    -> (its name, {format: seconds}), among the formats that can serve the model (off the CPU,
+    only "none"; fp16 for float32 models)."""
+    candidates = [q for q in QUANTIZATIONS if unavailable(q, model.dtype, model.device) is None]
     seconds = {}
     for quantization in candidates:
         model.prepare_for_inference(quantization)

@@ -1,5 +1,5 @@
-"""Weight-only int4 quantization for CPU inference, through ATen's own kernel
-(`_weight_int4pack_mm_for_cpu`).
+"""Weight-only formats for CPU inference: int4 through ATen's own kernel
+(`_weight_int4pack_mm_for_cpu`), and fp16 through fbgemm's (`quantized::linear_dynamic_fp16`).
 
 Each output row's input channels form groups of GROUP_SIZE that share a scale and a zero
 point, w = (q - 8) * scale + zero with q in 0..15: GGUF's Q4_1 layout (w = q * d + m, groups
@@ -11,18 +11,28 @@ how many rows share the product (tests/test_quantize.py): quantized ar and spec 
 token-identical. It reads a quarter of bf16's bytes, which pays where a product is
 bandwidth-bound (a few rows); its cost grows with the rows, so wide products (spec verify
 passes, big batches) are slower than bf16 (benchmarks/RESULTS.md).
+
+fp16 stores a float32 model's weights in half precision and widens them in registers, the
+sums in float32: half the bytes of float32 on CPUs without native bf16 (AVX2), where
+fbgemm's kernel reads them at close to memory speed. That kernel computes blocks of up to six
+rows, and its one- and two-row blocks sum in another order, so a product whose row count is 1
+or 2 more than a multiple of six is padded with copies of a row (`Fp16Weight`); the rule is
+checked on the machine before the format is used (`fp16_rows_are_independent`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 GROUP_SIZE = 32
-QUANTIZATIONS = ("none", "int4")
+QUANTIZATIONS = ("none", "int4", "fp16")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
-QUANTIZATION_HELP = ("weight-only quantization of the products (int4: groups of 32, CPU only; auto: the "
-                     "fastest at the widths the auto modes run, measured when the model loads)")
+QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; fp16: half-precision "
+                     "weights of a float32 model; auto: the fastest at the widths the auto modes run, measured "
+                     "when the model loads)")
+FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
 
 
 @dataclass
@@ -56,6 +66,62 @@ def quantize_int4(weight: torch.Tensor) -> Int4Weight:
     zero = low + 8 * scale  # (out, G): the kernel subtracts 8 from each code
     scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()  # (G, out, 2)
     return Int4Weight(packed, scales_and_zeros.to(weight.dtype), out)
+
+
+@dataclass
+class Fp16Weight:
+    packed: object  # fbgemm's packed fp16 copy (a LinearPackedParamsBase)
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) float32 -> (n, out) float32, each row summed as in a block of three to six."""
+        n = rows.shape[0]
+        short = n % FP16_BLOCK_ROWS
+        if short in (1, 2):  # the last block would be a one- or two-row block: make it three
+            rows = torch.cat([rows, rows[:1].expand(3 - short, -1)])  # (n + 3 - short, in)
+        y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)  # (n or more, out)
+        return y[:n] if short in (1, 2) else y
+
+
+def supports_fp16(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.float32
+            and "fbgemm" in torch.backends.quantized.supported_engines)
+
+
+def quantize_fp16(weight: torch.Tensor) -> Fp16Weight:
+    """(out, in) float32 weight -> Fp16Weight (values rounded to half precision; saturating)."""
+    if not supports_fp16(weight):
+        raise ValueError(f"fp16 weights need a float32 CPU weight and fbgemm; got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    return Fp16Weight(torch.ops.quantized.linear_prepack_fp16(weight.detach(), None))
+
+
+@functools.cache
+def fp16_rows_are_independent() -> bool:
+    """Whether, on this CPU, a row of an Fp16Weight product is the same whatever the number of
+    rows and its place among them (fbgemm picks its kernels by the CPU's instruction set)."""
+    generator = torch.Generator().manual_seed(0)
+    weight = quantize_fp16(torch.randn(192, 320, generator=generator) * 0.05)
+    x = torch.randn(4 * FP16_BLOCK_ROWS + 40, 320, generator=generator)
+    reference = weight(x)
+    return all(torch.equal(weight(x[start:start + n]), reference[start:start + n])
+               for start in (0, 1, 5) for n in range(1, 4 * FP16_BLOCK_ROWS + 3))
+
+
+def unavailable(quantization: str, dtype: torch.dtype, device: torch.device) -> str | None:
+    """Why `quantization` cannot serve a model of this dtype on this device, or None if it can."""
+    if quantization == "none":
+        return None
+    if device.type != "cpu":
+        return f"quantization {quantization!r} runs on the CPU only (ATen's and fbgemm's CPU kernels)"
+    if quantization == "fp16":
+        if dtype != torch.float32:
+            return f"fp16 weights serve float32 models (dtype='float32'); this one is {dtype}"
+        if "fbgemm" not in torch.backends.quantized.supported_engines:
+            return "fp16 weights need fbgemm, which this PyTorch build lacks"
+        if not fp16_rows_are_independent():
+            return ("fbgemm's fp16 kernel on this CPU gives a row another result beside other rows: the spec "
+                    "modes would stop equalling ar")
+    return None
 
 
 def dequantize_int4(weight: Int4Weight, in_features: int) -> torch.Tensor:

@@ -14,7 +14,7 @@ from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern, visibility
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, FusedLinear, InferenceWeight, inference_weight, linear
-from blockdiff.model.quantize import QUANTIZATIONS
+from blockdiff.model.quantize import QUANTIZATIONS, unavailable
 from blockdiff.model.rope import Rotary, apply_rotary
 from blockdiff.model.sampler_head import SamplerHead
 
@@ -117,13 +117,14 @@ class Transformer(nn.Module):
 
     def prepare_for_inference(self, quantization: str = "none") -> None:
         """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
-        or, with quantization "int4", quantize every product's weight, the output head's too
-        (model/quantize.py). Call again after changing weights; training must not use it (the
-        fused and packed copies do not follow the parameters)."""
+        or, with quantization "int4" or "fp16", quantize every product's weight, the output
+        head's too (model/quantize.py). Call again after changing weights; training must not use
+        it (the fused and packed copies do not follow the parameters)."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
-        if quantization != "none" and self.device.type != "cpu":
-            raise ValueError(f"quantization {quantization!r} runs on the CPU only (ATen's CPU kernel)")
+        reason = unavailable(quantization, self.dtype, self.device)
+        if reason is not None:
+            raise ValueError(reason)
         for layer in self.layers:
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv = FusedLinear([attn.q_proj, attn.k_proj, attn.v_proj], quantization)
