@@ -5,8 +5,8 @@
 Times the 120 per-layer products of SmolLM2-135M (fused q/k/v, fused gate/up, o, down; 30
 layers) with random weights that, like a real forward's, do not fit in cache, through each
 weight format the engine can use: oneDNN-packed float32 and bf16 (`model/lora.py`'s
-`linear`, where the CPU has a bf16 path), ATen's weight-only int8 (`_weight_int8pack_mm`)
-and int4 (`model/quantize.py`). Prints milliseconds per pass: a lower figure at 1 row favours
+`linear`, where the CPU has a bf16 path), fbgemm's fp16 weights, ATen's weight-only int8
+(`_weight_int8pack_mm`) and int4 (`model/quantize.py`). Prints milliseconds per pass: a lower figure at 1 row favours
 `ar` and small batches, at 8-32 rows the spec modes' draft and verify passes.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 import torch
 
 from blockdiff.model.lora import linear, pack_for_cpu
-from blockdiff.model.quantize import quantize_int4
+from blockdiff.model.quantize import quantize_fp16, quantize_int4
 
 SHAPES = [(960, 576), (3072, 576), (576, 576), (576, 1536)] * 30  # (out, in) of one forward's products
 
@@ -30,9 +30,8 @@ def int8_product(weight: torch.Tensor):
 
 
 def fp16_product(weight: torch.Tensor):
-    packed = torch.fbgemm_pack_gemm_matrix_fp16(weight)
-    bias = torch.zeros(weight.shape[0])
-    return lambda x: torch.fbgemm_linear_fp16_weight_fp32_activation(x, packed, bias)
+    packed = quantize_fp16(weight)
+    return lambda x: linear(x, None, packed)
 
 
 def formats() -> dict:
