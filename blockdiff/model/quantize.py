@@ -16,7 +16,7 @@ fp16 stores a float32 model's weights in half precision and widens them in regis
 sums in float32: half the bytes of float32 on CPUs without native bf16 (AVX2), where
 fbgemm's kernel reads them at close to memory speed. That kernel computes blocks of up to six
 rows, and its one- and two-row blocks sum in another order, so a product whose row count is 1
-or 2 more than a multiple of six is padded with copies of a row (`Fp16Weight`); the rule is
+or 2 more than a multiple of six is padded with zero rows (`Fp16Weight`); the rule is
 checked on the machine before the format is used (`fp16_rows_are_independent`).
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Fp16Weight:
         n = rows.shape[0]
         short = n % FP16_BLOCK_ROWS
         if short in (1, 2):  # the last block would be a one- or two-row block: make it three
-            rows = torch.cat([rows, rows[:1].expand(3 - short, -1)])  # (n + 3 - short, in)
+            rows = torch.nn.functional.pad(rows, (0, 0, 0, 3 - short))  # (n + 3 - short, in), zero rows
         y = torch.ops.quantized.linear_dynamic_fp16(rows, self.packed)  # (n or more, out)
         return y[:n] if short in (1, 2) else y
 
