@@ -72,8 +72,8 @@ def main() -> None:
     bench = run_bench(settings, llm)
     print(markdown_report(bench))
 
-    blocks = settings.block_lengths
-    quad = (settings.quad_block_lengths or blocks)[0]
+    blocks = settings.block_lengths or [llm.block_lengths["linear_spec"]]
+    quad = (settings.quad_block_lengths or settings.block_lengths or [llm.block_lengths["quad_spec"]])[0]
     cost = forward_cost(llm, sorted({1, 8, *blocks, quad + quad * quad}))
     weight_bytes = bench.model["weight_bytes"]
     bandwidth = read_bandwidth_gb_s()

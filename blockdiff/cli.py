@@ -29,7 +29,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--block-length", type=int, default=None,
-                   help="draft/denoise block length (default: per mode, blockdiff.sampling.DEFAULT_BLOCK_LENGTHS)")
+                   help="draft/denoise block length (default: per mode; the spec modes' chosen per machine "
+                        "when the adapter ships acceptance.json, engine/block_lengths.py)")
     p.add_argument("--threshold", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

@@ -11,8 +11,9 @@ from blockdiff.decoding.logprobs import MAX_LOGPROBS
 DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 # "auto" resolves to the fastest lossless mode when a request is scheduled (engine/auto.py)
 MODES = DECODING_MODES + ("auto",)
-# block_length when a request leaves it out. A spec step costs forwards of L (linear_spec) or
-# L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
+# block_length when a request leaves it out and the engine has measured nothing better
+# (engine/block_lengths.py picks the spec modes' lengths per machine). A spec step costs
+# forwards of L (linear_spec) or L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
 # blocks only add cost (benchmarks/RESULTS.md, "Engine"). diffusion uses 8, the block the
 # shipped drafter trains at: at 32 it ran at 0.49x ar with 1.4x the perplexity of its text at 8
 # (RESULTS.md, "Structured output, int4, llama.cpp"). ar has no blocks; the value only groups batches.
@@ -46,7 +47,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: off
     min_p: float = 0.0
-    block_length: int | None = None  # None: DEFAULT_BLOCK_LENGTHS[mode] ("auto": once resolved)
+    block_length: int | None = None  # None: the engine's default for the mode, set when scheduled (LLM.block_lengths)
     threshold: float = 0.9  # diffusion: commit every masked slot at least this confident
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
@@ -62,16 +63,14 @@ class SamplingParams:
     def __post_init__(self):
         if isinstance(self.stop, str):
             self.stop = [self.stop]
-        if self.block_length is None:
-            self.block_length = DEFAULT_BLOCK_LENGTHS.get(self.mode)
         checks = [
             (self.mode in MODES, "mode", f"unknown mode {self.mode!r}; allowed: {', '.join(MODES)}"),
             (_is_int(self.max_new_tokens) and (self.max_new_tokens > 0 or (self.max_new_tokens == 0 and
                                                                            self.prompt_logprobs is not None)),
              "max_new_tokens", f"max_new_tokens must be a positive integer (0 only to score a prompt, with "
              f"prompt_logprobs), got {self.max_new_tokens!r}"),
-            ((_is_int(self.block_length) and 0 < self.block_length <= 1024)
-             or (self.block_length is None and self.mode == "auto"), "block_length",
+            (self.block_length is None or (_is_int(self.block_length) and 0 < self.block_length <= 1024),
+             "block_length",
              f"block_length must be an integer in [1, 1024], got {self.block_length!r}"),
             (_is_num(self.threshold) and 0.0 <= self.threshold <= 1.0, "threshold",
              f"threshold must be in [0, 1], got {self.threshold!r}"),

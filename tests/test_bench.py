@@ -88,6 +88,10 @@ def test_configs_sweep_only_what_each_mode_uses():
     assert labels[:6] == ["ar", "quad_spec L4", "diffusion L8 t0.5", "diffusion L8 t0.9",  # ar always runs, first
                           "diffusion L16 t0.5", "diffusion L16 t0.9"]
     assert len(labels) == 12 and labels[6] == "ar bs4"
+    engine_defaults = {"ar": 32, "diffusion": 8, "linear_spec": 5, "quad_spec": 2}
+    default = BenchSettings(modes=["linear_spec", "quad_spec", "auto"]).run_configs(engine_defaults)
+    assert [c.label for c in default] == ["ar", "linear_spec L5", "quad_spec L2", "auto"]
+    assert default[-1].block_length is None  # each auto request takes its chosen mode's default
     with pytest.raises(ValueError, match="unknown mode.*allowed: " + ", ".join(sampling.MODES)):
         BenchSettings(modes=["nope"]).validate()
     with pytest.raises(ValueError, match="threshold"):
@@ -180,6 +184,35 @@ def test_cli_writes_json_table_and_plots(tiny_dir, prompt_file, tmp_path, capsys
     assert "| mode" in (out / "table.md").read_text()
     for png in ("tradeoff.png", "acceptance.png", "speed.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_saves_the_acceptance_profile_the_engine_chooses_from(tiny_dir, prompt_file, tmp_path, capsys):
+    from blockdiff import LLM
+    from blockdiff.engine.block_lengths import load_profile
+    from blockdiff.model.adapter import save_adapter
+    from tests.support.models import attach_random_draft_adapter
+    adapter = tmp_path / "adapter"
+    save_adapter(attach_random_draft_adapter(LLM(tiny_dir, dtype="float32").model), adapter)
+    argv = ["bench", "--model", tiny_dir, "--adapter", str(adapter), "--dtype", "float32", "--prompt-set", prompt_file,
+            "--modes", "linear_spec,quad_spec", "--block-lengths", "5", "--quad-block-length", "3",
+            "--max-new-tokens", "12", "--no-hf", "--no-llama-cpp", "--out", str(tmp_path / "out")]
+    assert main(argv + ["--save-acceptance", str(adapter)]) == 0
+    profile = load_profile(adapter)
+    data = json.loads((tmp_path / "out" / "bench.json").read_text())
+    measured = {r["config"]["mode"]: r["accept_rate_by_position"] for r in data["results"][1:]}
+    assert profile.rates == {m: pytest.approx(rates, abs=1e-4) for m, rates in measured.items()}
+    assert len(profile.rates["linear_spec"]) == 4 and len(profile.rates["quad_spec"]) == 2
+    assert "blockdiff bench on 3" in profile.measured
+    llm = LLM(tiny_dir, dtype="float32", adapter=str(adapter))  # the next load chooses from it
+    assert llm.block_length_estimates is not None and 2 <= llm.block_lengths["linear_spec"] <= 5
+    assert "default block lengths: " in capsys.readouterr().out
+
+    for extra, reason in [(["--temperature", "0.5"], "use --temperature 0"),
+                          (["--modes", "ar,diffusion"], "needs a spec mode")]:
+        assert main(argv + extra + ["--save-acceptance", str(adapter)]) == 2
+        assert reason in capsys.readouterr().err
+    assert main(argv + ["--save-acceptance", str(tmp_path)]) == 2
+    assert "is not a draft adapter directory" in capsys.readouterr().err
 
 
 def test_cli_bad_mode_is_one_line(capsys):

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import date
+from pathlib import Path
 
 from blockdiff import sampling
+from blockdiff.bench.results import acceptance_profile
 from blockdiff.bench.settings import BenchSettings
+from blockdiff.engine.block_lengths import SPEC_MODES, save_profile
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
@@ -76,6 +80,10 @@ def register(subparsers) -> None:
                               "and prints the table.", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
     p.add_argument("--out", default="bench-out", help="directory for bench.json, table.md and the PNGs")
+    p.add_argument("--save-acceptance", metavar="ADAPTER_DIR", default=None,
+                   help="write the spec modes' acceptance by draft position into this draft adapter's "
+                        "acceptance.json, from which LLM picks their block lengths per machine (temperature 0; "
+                        "run them at the longest block lengths worth considering, on held-out prompts)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -83,7 +91,24 @@ def cmd_bench(args) -> None:
     from blockdiff.bench.report import markdown_report, write_outputs
     from blockdiff.bench.runner import run_bench
     settings = settings_from_args(args)
+    if args.save_acceptance:
+        check_acceptance_target(settings, args.save_acceptance)
     bench = run_bench(settings, log=lambda msg: print(msg, file=sys.stderr))
     print(markdown_report(bench))
     for path in write_outputs(bench, args.out):
         print(f"wrote {path}", file=sys.stderr)
+    if args.save_acceptance:
+        measured = (f"blockdiff bench on {bench.prompt_count} {settings.prompt_set} prompts, max_new_tokens "
+                    f"{settings.max_new_tokens}, {date.today().isoformat()}: {bench.command}")
+        path = save_profile(args.save_acceptance, acceptance_profile(bench.results, measured))
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def check_acceptance_target(settings: BenchSettings, adapter_dir: str) -> None:
+    """Refuse, before the model loads, a --save-acceptance run that could not measure a profile."""
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ValueError(f"--save-acceptance: {adapter_dir} is not a draft adapter directory (no adapter_config.json)")
+    if settings.temperature != 0:
+        raise ValueError("--save-acceptance measures greedy acceptance: use --temperature 0")
+    if not set(settings.modes) & set(SPEC_MODES):
+        raise ValueError(f"--save-acceptance needs a spec mode among --modes ({', '.join(SPEC_MODES)})")

@@ -44,7 +44,8 @@ def model_info(llm) -> dict:
             "quantization": llm.model.quantization, "cuda_graphs": llm.model.step_graphs is not None,
             "device": str(llm.model.device), "parameters": sum(p.numel() for p in params),
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
-            "mask_token_id": llm.config.mask_token_id}
+            "mask_token_id": llm.config.mask_token_id, "block_lengths": llm.block_lengths,
+            "block_length_estimates": llm.block_length_estimates}
 
 
 def mode_name(r: Result) -> str:
@@ -68,7 +69,7 @@ def table_rows(results: list[Result], prompt_count: int) -> list[list[str]]:
         speed = f"{r.tok_s / ref.tok_s:.2f}x" if ref is not None and ref.tok_s else "-"
         same = "-" if r.same_as_ar is None else f"{r.same_as_ar}/{prompt_count}"
         c = r.config
-        rows.append([mode_name(r), "-" if c is None or c.mode == "ar" else c.block_length,
+        rows.append([mode_name(r), "-" if c is None or c.mode == "ar" or c.block_length is None else c.block_length,
                      f"{c.threshold:g}" if c is not None and c.mode == "diffusion" else "-", r.batch_size,
                      r.tokens, _fmt(r.nfe, "d"), _fmt(r.tpf), _fmt(r.tokens_per_step), _fmt(r.acceptance),
                      f"{r.tok_s:.1f}", speed, _fmt(None if r.ttft_s is None else r.ttft_s * 1e3, ".1f"),
@@ -93,7 +94,9 @@ def markdown_report(bench) -> str:
     cpu = f"{env['processor']} (native bf16: {'yes' if env.get('native_bf16_cpu') else 'no'})"
     lines = [f"machine: {env['cuda'] or cpu}, {env['torch_threads']} threads, torch {env['torch']}",
              f"model: {m['path']} ({m['parameters'] / 1e6:.3g}M parameters, {m['dtype']}, {m['device']}), "
-             f"adapter: {m['adapter']}",
+             f"adapter: {m['adapter']}, quantization: {m['quantization']}",
+             "default block lengths: " + ", ".join(f"{mode} {L}" for mode, L in m["block_lengths"].items() if mode != "ar")
+             + (" (spec modes chosen from forwards timed at load)" if m["block_length_estimates"] else ""),
              f"{bench.prompt_count} prompts ({s.prompt_set}), max_new_tokens {s.max_new_tokens}, "
              f"temperature {s.temperature:g}, best of {s.repeats} round-robin run(s); "
              f"PPL: perplexity of the outputs under the AR model", "",

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from blockdiff.bench.settings import REFERENCE_MODE, RunConfig
 from blockdiff.decoding.metrics import Metrics
+from blockdiff.engine.block_lengths import SPEC_MODES, AcceptanceProfile
 
 
 @dataclass
@@ -89,6 +90,18 @@ def summarize(name: str, kind: str, batch_size: int, config: RunConfig | None, r
     result.accept_rate_by_position = [a / d for a, d in zip(accepted, drafted) if d]
     result.ttft_s = sum(m.ttft_s for m in ms) / len(ms)
     return result
+
+
+def acceptance_profile(results: list[Result], measured: str) -> AcceptanceProfile:
+    """Each spec mode's acceptance by draft position, from its run that drafted deepest (the
+    adapter's acceptance.json; engine/block_lengths.py)."""
+    rates = {}
+    for mode in SPEC_MODES:
+        runs = [r for r in results if r.kind == "blockdiff" and r.mode == mode and r.accept_rate_by_position]
+        if runs:
+            deepest = max(runs, key=lambda r: len(r.accept_rate_by_position))
+            rates[mode] = [round(x, 4) for x in deepest.accept_rate_by_position]
+    return AcceptanceProfile(rates, measured)
 
 
 def reference_for(result: Result, results: list[Result]) -> Result | None:

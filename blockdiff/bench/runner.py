@@ -65,7 +65,7 @@ def time_blockdiff(llm, prompts: list[list[int]], params, batch_size: int) -> Ru
 
 def _jobs(llm, settings: BenchSettings, prompts: list[list[int]], log: Callable[[str], None]) -> list[_Job]:
     jobs, warmed = [], set()
-    for config in settings.run_configs():
+    for config in settings.run_configs(llm.block_lengths):
         params = settings.params(config)
         if (config.mode, config.block_length) not in warmed:
             # the first forward of each shape sets up kernels (oneDNN, CUDA): not decoding speed

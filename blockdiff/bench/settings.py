@@ -13,7 +13,7 @@ REFERENCE_MODE = "ar"  # equals-ar and the perplexity ratio are measured against
 class RunConfig:
     """One configuration: mode x block length x threshold x batch size."""
     mode: str
-    block_length: int
+    block_length: int | None  # None: the engine's default for the mode a request resolves to
     threshold: float
     batch_size: int
 
@@ -21,7 +21,7 @@ class RunConfig:
     def label(self) -> str:
         """Short name for tables and plots; only the knobs the mode actually uses."""
         parts = [self.mode]
-        if self.mode != REFERENCE_MODE:
+        if self.mode != REFERENCE_MODE and self.block_length is not None:
             parts.append(f"L{self.block_length}")
         if self.mode == "diffusion":
             parts.append(f"t{self.threshold:g}")
@@ -41,7 +41,7 @@ class BenchSettings:
     prompt_set: str = "chat"
     num_prompts: int | None = None
     modes: list[str] = field(default_factory=lambda: list(sampling.MODES))
-    block_lengths: list[int] = field(default_factory=lambda: [32])
+    block_lengths: list[int] | None = None  # None: each mode's default on the loaded engine (LLM.block_lengths)
     quad_block_lengths: list[int] | None = None  # None: block_lengths
     thresholds: list[float] = field(default_factory=lambda: [0.9])
     max_new_tokens: int = 64
@@ -53,13 +53,15 @@ class BenchSettings:
     llama_cpp: bool = True  # llama.cpp on the same GGUF, when llama-cpp-python is installed
     prompt_lookup_tokens: int = 10
 
-    def run_configs(self) -> list[RunConfig]:
-        """Every configuration, ar first at each batch size (the others are compared with it)."""
+    def run_configs(self, default_block_lengths: dict[str, int] = sampling.DEFAULT_BLOCK_LENGTHS) -> list[RunConfig]:
+        """Every configuration, ar first at each batch size (the others are compared with it).
+        A mode without block lengths given runs at its default (pass the engine's)."""
         modes = [REFERENCE_MODE] + [m for m in dict.fromkeys(self.modes) if m != REFERENCE_MODE]
         configs = []
         for batch in self.batch_sizes:
             for mode in modes:
                 blocks = (self.quad_block_lengths or self.block_lengths) if mode == "quad_spec" else self.block_lengths
+                blocks = blocks or [default_block_lengths.get(mode)]  # auto: None, its chosen mode's
                 if mode == REFERENCE_MODE:
                     blocks = blocks[:1]  # ar ignores the block length: one run is enough
                 thresholds = self.thresholds if mode == "diffusion" else self.thresholds[:1]
@@ -76,8 +78,7 @@ class BenchSettings:
         unknown = [m for m in self.modes if m not in sampling.MODES]
         if unknown:
             raise ValueError(f"unknown mode(s) {', '.join(unknown)}; allowed: {', '.join(sampling.MODES)}")
-        for name, values in (("block lengths", self.block_lengths), ("thresholds", self.thresholds),
-                             ("batch sizes", self.batch_sizes)):
+        for name, values in (("thresholds", self.thresholds), ("batch sizes", self.batch_sizes)):
             if not values:
                 raise ValueError(f"no {name} given")
         if any(b < 1 for b in self.batch_sizes):

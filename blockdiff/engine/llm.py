@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -13,17 +14,18 @@ from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.auto import AutoMode
+from blockdiff.engine.block_lengths import choose_block_lengths, load_profile
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
-from blockdiff.model.autotune import choose_quantization, forward_width
+from blockdiff.model.autotune import choose_quantization, forward_seconds, forward_width
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
 from blockdiff.model.step_graphs import StepGraphs
 from blockdiff.model.transformer import Transformer
-from blockdiff.sampling import (DEFAULT_BLOCK_LENGTHS, ContextLengthExceeded, InvalidParameter, SamplingParams,
-                                check_token_ids)
+from blockdiff.sampling import (DECODING_MODES, DEFAULT_BLOCK_LENGTHS, ContextLengthExceeded, InvalidParameter,
+                                SamplingParams, check_token_ids)
 
 @dataclass
 class RequestOutput:
@@ -46,7 +48,11 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
                  auto_modes: tuple[str, ...] = ("ar", "linear_spec"), quantization: str = "none",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, block_lengths: str | dict[str, int] = "auto"):
+        """block_lengths: each mode's block length where a request leaves it out. "auto": for the
+        spec modes, the fastest on this machine (engine/block_lengths.py: from the adapter's
+        acceptance.json and forwards timed at load), where the adapter ships a profile; otherwise,
+        and for the other modes, sampling.DEFAULT_BLOCK_LENGTHS. A dict sets modes explicitly."""
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
         if cuda_graphs and not device.startswith("cuda"):
@@ -78,13 +84,34 @@ class LLM:
             _, self.quantization_seconds = choose_quantization(self.model, widths)
         else:
             self.model.prepare_for_inference(quantization)
+        self.block_lengths, self.block_length_estimates = self._block_lengths(block_lengths)
         if cuda_graphs:
             self.model.step_graphs = StepGraphs(self.model)
+
+    def _block_lengths(self, setting: str | dict[str, int]) -> tuple[dict[str, int], dict | None]:
+        """-> (the default block length of every mode, the tokens/s estimates behind the spec
+        modes' choice when they were measured)."""
+        table = dict(DEFAULT_BLOCK_LENGTHS)
+        if isinstance(setting, dict):
+            bad = {m: L for m, L in setting.items() if m not in DECODING_MODES or not isinstance(L, int)
+                   or isinstance(L, bool) or not 0 < L <= 1024}
+            if bad:
+                raise ValueError(f"block_lengths maps modes ({', '.join(DECODING_MODES)}) to integers in "
+                                 f"[1, 1024], got {bad}")
+            return table | setting, None
+        if setting != "auto":
+            raise ValueError(f"block_lengths must be 'auto' or a dict of mode: length, got {setting!r}")
+        profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
+        if profile is None:
+            return table, None
+        seconds = functools.cache(lambda width: forward_seconds(self.model, width, repeats=3))
+        chosen, estimates = choose_block_lengths(profile, seconds)
+        return table | chosen, estimates
 
     def make_scheduler(self, max_running: int | None = None) -> Scheduler:
         """The driver of every decode: generate() makes one per call, the server's engine thread
         one for its lifetime. They share this model and the `auto` selector."""
-        return Scheduler(self.model, self.auto, max_running or self.max_batch_size)
+        return Scheduler(self.model, self.auto, max_running or self.max_batch_size, self.block_lengths)
 
     def auto_mode_report(self) -> dict:
         """mode="auto"'s candidates and what it has measured so far, by load."""

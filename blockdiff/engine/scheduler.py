@@ -35,6 +35,7 @@ from blockdiff.engine.auto import AutoMode
 from blockdiff.engine.request import Request, Update
 from blockdiff.engine.steps import StepRouter
 from blockdiff.model.transformer import Transformer
+from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS
 
 Progress = list[tuple[Request, Update]]
 
@@ -47,12 +48,14 @@ class Group:
 
 
 class Scheduler:
-    def __init__(self, model: Transformer, auto: AutoMode | None = None, max_running: int = 32):
+    def __init__(self, model: Transformer, auto: AutoMode | None = None, max_running: int = 32,
+                 block_lengths: dict[str, int] | None = None):
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         self.model = model
         self.auto = auto or AutoMode()
         self.max_running = max_running
+        self.block_lengths = block_lengths or DEFAULT_BLOCK_LENGTHS  # where a request leaves its block length out
         self.waiting: deque[Request] = deque()
         self.groups: dict[tuple, Group] = {}  # in the order they started
         self.router = StepRouter()  # step events to the requests that asked (Request.on_step)
@@ -129,8 +132,10 @@ class Scheduler:
         load = self.num_running + len(newcomers)
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
-            if request.seq.params.mode == "auto":
-                request.seq.params = dataclasses.replace(request.seq.params, mode=self.auto.choose(load))
+            params = request.seq.params
+            mode = self.auto.choose(load) if params.mode == "auto" else params.mode
+            request.seq.params = dataclasses.replace(params, mode=mode,
+                                                     block_length=params.block_length or self.block_lengths[mode])
             by_group.setdefault(request.group, []).append(request)
         for key, requests in by_group.items():
             try:

@@ -21,7 +21,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import blockdiff
 from blockdiff.model.dtype import dtype_name
-from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS
 from blockdiff.server.config import ServerConfig
 from blockdiff.server.engine import Engine, EngineConfig
 from blockdiff.server.errors import TYPES, APIError, error_body, from_validation_error
@@ -208,7 +207,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
         uptime = time.time() - metrics.started
         return {"model_path": llm.model_path, "served_model_name": name, "default_mode": config.mode,
                 "dtype": dtype_name(llm.dtype),
-                "block_length": config.block_length or DEFAULT_BLOCK_LENGTHS, "threshold": config.threshold,
+                "block_length": config.block_length or llm.block_lengths, "threshold": config.threshold,
                 "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
                 "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
                 "auto_mode": llm.auto_mode_report(),

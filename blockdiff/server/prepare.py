@@ -137,7 +137,7 @@ def sampling_params(req: CommonRequest, cfg: ServerConfig, max_tokens: int, mode
             **logprob_params(req, max_tokens))
     except InvalidParameter as e:
         raise from_invalid_parameter(e) from None
-    if params.mode == "quad_spec" and params.block_length > cfg.max_quad_block_length:
+    if params.mode == "quad_spec" and (params.block_length or 0) > cfg.max_quad_block_length:
         raise APIError(400, f"quad_spec block_length must be <= {cfg.max_quad_block_length} (its fused pass "
                        f"costs L*(L+1) tokens), got {params.block_length}", "block_length", "invalid_value")
     return params

@@ -9,8 +9,12 @@ let current = [];  // the panes of the generation in progress
 async function loadServerInfo() {
   try {
     const info = await (await fetch("/get_server_info")).json();
+    // one block length for every mode, or the engine's per-mode defaults (ar has no blocks)
+    const blocks = typeof info.block_length === "object"
+      ? Object.entries(info.block_length).filter(([mode]) => mode !== "ar").map(([mode, L]) => `${mode} ${L}`).join(", ")
+      : info.block_length;
     byId("server-info").textContent = `${info.served_model_name} · default mode ${info.default_mode}` +
-      ` · block ${info.block_length} · threshold ${info.threshold} · context ${info.context_length}`;
+      ` · block ${blocks} · threshold ${info.threshold} · context ${info.context_length}`;
     const mode = byId("mode");
     if (![...mode.options].some(o => o.value === info.default_mode)) mode.add(new Option(info.default_mode));
     mode.value = info.default_mode;

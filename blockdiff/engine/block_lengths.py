@@ -1,0 +1,104 @@
+"""Each spec mode's default block length on this machine, from the drafter's measured
+acceptance and this machine's measured forwards.
+
+A `linear_spec` step runs a draft pass and a verify pass of L tokens and commits
+1 + a_1 + ... + a_{L-1} tokens on average, a_i being the fraction of steps whose draft slot i
+was accepted; a `quad_spec` step runs one pass of L + L*L tokens and commits
+1 + q_1 + ... + q_{L-1}. The best L is the one with the most tokens per second of forward
+time, and it depends on the machine as much as on the drafter: on an AMX Xeon a 32-token
+forward costs 1.3x a one-token one, so long blocks are nearly free, while on an AVX2 CPU with
+fp16 weights the cost is flat up to 6 tokens and then climbs (benchmarks/RESULTS.md). So the
+acceptance is measured once, on held-out prompts, and shipped with the adapter
+(acceptance.json, written by `blockdiff bench --save-acceptance`), and the forwards are timed
+when the model loads, as `quantization="auto"` does.
+
+The choice changes no greedy token (the spec modes emit `ar`'s tokens at any L), only speed.
+Only lengths whose every slot was measured are candidates: past the profile the acceptance
+is unknown. A model whose adapter has no profile keeps sampling.DEFAULT_BLOCK_LENGTHS.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from blockdiff.errors import CheckpointError
+
+PROFILE_FILE = "acceptance.json"
+SPEC_MODES = ("linear_spec", "quad_spec")
+MAX_QUAD_BLOCK_LENGTH = 6  # a 42-token fused pass; longer ones only pay on hardware with compute to spare
+
+
+@dataclass
+class AcceptanceProfile:
+    """acceptance.json in a draft adapter's directory:
+
+        {"linear_spec": [0.82, 0.39, 0.20, ...], "quad_spec": [0.46, 0.19, 0.08],
+         "measured": "how: command, prompts, date"}
+
+    Entry i of a mode's list is the fraction of its draft+verify steps whose draft slot i+1
+    was accepted, at temperature 0 (what `blockdiff bench` prints as "acceptance rate by draft
+    position"). A mode may be missing."""
+    rates: dict[str, list[float]]
+    measured: str = ""
+
+    def tokens_per_step(self, mode: str, block_length: int) -> float:
+        return 1.0 + sum(self.rates[mode][:block_length - 1])
+
+    def to_json(self) -> str:
+        return json.dumps(self.rates | {"measured": self.measured}, indent=1) + "\n"
+
+
+def load_profile(adapter_dir: str | Path) -> AcceptanceProfile | None:
+    """The adapter's acceptance profile; None when it ships none. A malformed file is an error."""
+    path = Path(adapter_dir) / PROFILE_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        rates = {m: [float(x) for x in raw[m]] for m in SPEC_MODES if m in raw}
+        measured = str(raw.get("measured", ""))
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not an acceptance profile ({e})") from None
+    bad = [m for m, r in rates.items() if not all(0.0 <= x <= 1.0 for x in r)]
+    if bad:
+        raise CheckpointError(f"{path}: {bad[0]} rates must be fractions in [0, 1]")
+    return AcceptanceProfile(rates, measured)
+
+
+def save_profile(adapter_dir: str | Path, profile: AcceptanceProfile) -> Path:
+    path = Path(adapter_dir) / PROFILE_FILE
+    path.write_text(profile.to_json())
+    return path
+
+
+def pass_widths(mode: str, block_length: int) -> list[int]:
+    """Tokens per sequence in each forward of one step of `mode`."""
+    if mode == "linear_spec":
+        return [block_length, block_length]  # draft, then verify
+    return [block_length + block_length * block_length]  # quad_spec: anchors and their sub-blocks
+
+
+def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:
+    """Block lengths 2.. whose draft slots were all measured (quad_spec up to MAX_QUAD_BLOCK_LENGTH)."""
+    longest = len(profile.rates.get(mode, [])) + 1
+    if mode == "quad_spec":
+        longest = min(longest, MAX_QUAD_BLOCK_LENGTH)
+    return list(range(2, longest + 1))
+
+
+def choose_block_lengths(profile: AcceptanceProfile, seconds: Callable[[int], float]
+                         ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
+    """-> ({mode: the block length with the most expected tokens per second},
+    {mode: {block length: expected tokens per second}}), for the spec modes the profile covers;
+    `seconds(width)` is the time of one decode forward of `width` tokens."""
+    chosen, estimates = {}, {}
+    for mode in SPEC_MODES:
+        lengths = candidate_lengths(profile, mode)
+        if not lengths:
+            continue
+        estimates[mode] = {L: profile.tokens_per_step(mode, L) / sum(seconds(w) for w in pass_widths(mode, L))
+                           for L in lengths}
+        chosen[mode] = max(estimates[mode], key=estimates[mode].get)
+    return chosen, estimates

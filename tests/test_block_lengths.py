@@ -1,0 +1,146 @@
+"""Per-machine block lengths: the choice from an acceptance profile and forward times, the
+profile file, and an LLM that decodes at the lengths it chose (engine/block_lengths.py)."""
+import pytest
+
+from blockdiff.bench.results import Result, acceptance_profile
+from blockdiff.bench.settings import RunConfig
+from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, AcceptanceProfile, candidate_lengths,
+                                            choose_block_lengths, load_profile, save_profile)
+from blockdiff.engine.llm import LLM
+from blockdiff.errors import CheckpointError
+from blockdiff.model.adapter import save_adapter
+from blockdiff.sampling import DEFAULT_BLOCK_LENGTHS, SamplingParams
+from tests.support.models import attach_random_draft_adapter, save_tiny_checkpoint, tiny_model
+
+PROFILE = AcceptanceProfile({"linear_spec": [0.8, 0.4, 0.2, 0.1, 0.05], "quad_spec": [0.5, 0.2, 0.1]})
+
+
+def flat_until(knee: int):
+    """A forward that costs the same up to `knee` tokens, then grows with the width (an AVX2 CPU
+    with fp16 weights, roughly)."""
+    return lambda width: max(1.0, width / knee)
+
+
+def brute_force(profile, seconds, mode, widths_of):
+    rate = {L: (1 + sum(profile.rates[mode][:L - 1])) / sum(seconds(w) for w in widths_of(L))
+            for L in candidate_lengths(profile, mode)}
+    return max(rate, key=rate.get)
+
+
+@pytest.mark.parametrize("knee", [1, 4, 6, 12, 64])
+def test_choice_maximises_expected_tokens_per_second(knee):
+    seconds = flat_until(knee)
+    chosen, estimates = choose_block_lengths(PROFILE, seconds)
+    assert chosen["linear_spec"] == brute_force(PROFILE, seconds, "linear_spec", lambda L: [L, L])
+    assert chosen["quad_spec"] == brute_force(PROFILE, seconds, "quad_spec", lambda L: [L + L * L])
+    assert set(estimates["linear_spec"]) == {2, 3, 4, 5, 6}
+    # linear_spec L=3: 1 + 0.8 + 0.4 tokens from two 3-token forwards
+    assert estimates["linear_spec"][3] == pytest.approx(2.2 / (2 * seconds(3)))
+
+
+def test_choice_follows_the_machine():
+    """Where width is free the longest measured block wins; where it costs, a short one."""
+    free, _ = choose_block_lengths(PROFILE, lambda width: 1.0)
+    assert free == {"linear_spec": 6, "quad_spec": 4}
+    costly, _ = choose_block_lengths(PROFILE, lambda width: float(width))
+    assert costly == {"linear_spec": 2, "quad_spec": 2}
+    knee, _ = choose_block_lengths(PROFILE, flat_until(6))
+    assert knee == {"linear_spec": 6, "quad_spec": 2}
+
+
+def test_candidates_stop_where_the_profile_does():
+    deep = AcceptanceProfile({"quad_spec": [0.9] * 20})
+    assert candidate_lengths(deep, "quad_spec")[-1] == MAX_QUAD_BLOCK_LENGTH
+    assert candidate_lengths(deep, "linear_spec") == []
+    chosen, estimates = choose_block_lengths(deep, lambda width: 1.0)
+    assert "linear_spec" not in chosen and "linear_spec" not in estimates
+
+
+def test_profile_round_trips_and_bad_files_name_themselves(tmp_path):
+    profile = AcceptanceProfile({"linear_spec": [0.75, 0.5], "quad_spec": [0.4]}, measured="by hand")
+    save_profile(tmp_path, profile)
+    assert load_profile(tmp_path) == profile
+    assert load_profile(tmp_path / "nowhere") is None
+    (tmp_path / "acceptance.json").write_text('{"linear_spec": [0.5, 1.5]}')
+    with pytest.raises(CheckpointError, match=r"acceptance.json: linear_spec rates must be fractions"):
+        load_profile(tmp_path)
+    (tmp_path / "acceptance.json").write_text('{"linear_spec": 3}')
+    with pytest.raises(CheckpointError, match="acceptance.json: not an acceptance profile"):
+        load_profile(tmp_path)
+
+
+def test_bench_profile_takes_each_modes_deepest_run():
+    def result(mode, L, rates, kind="blockdiff"):
+        r = Result(f"{mode} L{L}", kind, 1, RunConfig(mode, L, 0.9, 1), 10, 1.0, 10.0)
+        r.accept_rate_by_position = rates
+        return r
+    results = [result("ar", 32, []), result("linear_spec", 4, [0.8, 0.4, 0.2]),
+               result("linear_spec", 8, [0.81, 0.39, 0.21, 0.1, 0.05, 0.01, 0.0]),
+               result("quad_spec", 3, [0.5, 0.2]), result("diffusion", 8, [])]
+    profile = acceptance_profile(results, "test")
+    assert profile.rates == {"linear_spec": [0.81, 0.39, 0.21, 0.1, 0.05, 0.01, 0.0], "quad_spec": [0.5, 0.2]}
+
+
+@pytest.fixture(scope="module")
+def tiny_with_profile(tmp_path_factory):
+    root = tmp_path_factory.mktemp("profiled")
+    model_dir = save_tiny_checkpoint(root / "model", seed=3)
+    adapted = attach_random_draft_adapter(LLM(model_dir, dtype="float32").model)
+    save_adapter(adapted, root / "adapter")
+    save_profile(root / "adapter", PROFILE)
+    return model_dir, str(root / "adapter")
+
+
+def test_llm_chooses_from_the_adapters_profile_and_decodes_at_it(tiny_with_profile):
+    model_dir, adapter = tiny_with_profile
+    llm = LLM(model_dir, dtype="float32", adapter=adapter, auto_modes=("linear_spec", "ar"))
+    assert set(llm.block_length_estimates) == {"linear_spec", "quad_spec"}
+    for mode in ("linear_spec", "quad_spec"):
+        estimates = llm.block_length_estimates[mode]
+        assert llm.block_lengths[mode] == max(estimates, key=estimates.get)
+    assert llm.block_lengths["diffusion"] == DEFAULT_BLOCK_LENGTHS["diffusion"]
+    prompt = [5, 9, 14, 42]
+    auto = llm.generate(prompt, SamplingParams(mode="auto", max_new_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    assert auto.mode == "linear_spec"  # nothing measured yet: the first candidate is probed
+    assert len(auto.metrics.drafted_by_position) == llm.block_lengths["linear_spec"] - 1  # the chosen mode's length
+    ar = llm.generate(prompt, SamplingParams(max_new_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+    for mode in ("linear_spec", "quad_spec"):
+        out = llm.generate(prompt, SamplingParams(mode=mode, max_new_tokens=24, ignore_eos=True), use_tqdm=False)[0]
+        assert out.token_ids == ar.token_ids  # lossless at whatever length was chosen
+        assert len(out.metrics.drafted_by_position) == llm.block_lengths[mode] - 1  # draft slots per step
+
+
+def test_explicit_block_lengths_win_and_bad_ones_are_refused(tiny_with_profile):
+    model_dir, adapter = tiny_with_profile
+    llm = LLM(model_dir, dtype="float32", adapter=adapter, block_lengths={"linear_spec": 3})
+    assert llm.block_lengths == DEFAULT_BLOCK_LENGTHS | {"linear_spec": 3} and llm.block_length_estimates is None
+    out = llm.generate([5, 9], SamplingParams(mode="linear_spec", max_new_tokens=12, ignore_eos=True),
+                       use_tqdm=False)[0]
+    assert len(out.metrics.drafted_by_position) == 2
+    explicit = llm.generate([5, 9], SamplingParams(mode="linear_spec", max_new_tokens=12, ignore_eos=True,
+                                                   block_length=5), use_tqdm=False)[0]
+    assert len(explicit.metrics.drafted_by_position) == 4
+    for bad in ({"linear": 4}, {"quad_spec": 0}, {"ar": True}):
+        with pytest.raises(ValueError, match="block_lengths maps modes"):
+            LLM(model_dir, dtype="float32", adapter=adapter, block_lengths=bad)
+    with pytest.raises(ValueError, match="block_lengths must be 'auto'"):
+        LLM(model_dir, dtype="float32", adapter=adapter, block_lengths="fast")
+
+
+def test_without_a_profile_the_defaults_stand(tmp_path):
+    model_dir = save_tiny_checkpoint(tmp_path / "model", seed=3)
+    llm = LLM(model_dir, dtype="float32")
+    assert llm.block_lengths == DEFAULT_BLOCK_LENGTHS and llm.block_length_estimates is None
+
+
+def test_server_reports_and_uses_the_engines_lengths(tiny_with_profile):
+    import httpx
+
+    from tests.support.server import serving
+    model_dir, adapter = tiny_with_profile
+    llm = LLM(model_dir, dtype="float32", adapter=adapter)
+    with serving(llm) as server:  # no --block-length: each mode's engine default
+        assert httpx.get(server.url + "/get_server_info").json()["block_length"] == llm.block_lengths
+        body = {"model": "model", "prompt": [5, 9, 14], "max_tokens": 8, "temperature": 0, "mode": "quad_spec"}
+        reply = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
