@@ -109,6 +109,9 @@ def test_auto_picks_the_format_fastest_at_the_widths_asked_and_leaves_the_model_
     assert model.quantization == "int4" and type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
     assert autotune.choose_quantization(model, [1, 8]) == ("none", {"none": 4.5, "int4": 5.0, "fp16": 6.0})
     assert model.quantization == "none" and type(model.layers[0].mlp.down_proj.packed).__name__ != "Int4Weight"
+    # a format stops being timed once it has lost (narrow widths first): int4 never runs 32 tokens wide
+    cost |= {("none", 32): 3.0, ("int4", 8): 40.0, ("fp16", 32): 2.0}
+    assert autotune.choose_quantization(model, [32, 1, 8]) == ("none", {"none": 7.5, "int4": 41.0, "fp16": 8.0})
 
 
 def test_forward_widths_of_each_mode():

@@ -47,7 +47,8 @@ class AcceptanceProfile:
         return 1.0 + sum(self.rates[mode][:block_length - 1])
 
     def to_json(self) -> str:
-        return json.dumps(self.rates | {"measured": self.measured}, indent=1) + "\n"
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in (self.rates | {"measured": self.measured}).items()]
+        return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def load_profile(adapter_dir: str | Path) -> AcceptanceProfile | None:
