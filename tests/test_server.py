@@ -48,7 +48,7 @@ def test_health_models_and_server_info(server, client):
     assert "avg_spec_accept_length" in info["internal_states"][0]
     assert info["default_mode"] == "auto"
     assert info["dtype"] == "float32"  # the resolved dtype the model runs in, never "auto"
-    assert info["auto_mode"]["candidates"] == ["ar", "linear_spec"]
+    assert info["auto_mode"]["candidates"] == ["ar", "linear_spec", "quad_spec"]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -72,7 +72,7 @@ def test_auto_mode_is_lossless_and_reports_what_it_measured(server, llm, client)
                                       extra_body={"return_token_ids": True})  # no mode: the default, auto
         assert r.model_dump()["choices"][0]["token_ids"] == reference(llm, prompt, max_new_tokens=10)
         modes.add(r.model_dump()["metrics"]["mode"])
-    assert modes <= {"ar", "linear_spec"} and "ar" in modes
+    assert modes <= {"ar", "linear_spec", "quad_spec"} and "ar" in modes
     measured = httpx.get(server.url + "/get_server_info").json()["auto_mode"]["measured"]
     assert measured["<=1"]["ar"]["steps"] > 0 and measured["<=1"]["ar"]["tokens_per_s"] > 0
 

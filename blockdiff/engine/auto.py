@@ -48,7 +48,7 @@ class Throughput:
 
 @dataclass
 class AutoMode:
-    candidates: tuple[str, ...] = ("ar", "linear_spec")
+    candidates: tuple[str, ...] = LOSSLESS
     min_steps: int = 8  # steps a candidate needs in a bucket before its EMA is trusted
     refresh_every: int = 32  # every Nth decision in a bucket re-measures a runner-up
     probe_every: int = 16  # an unexplored candidate gets at most one request per this many decisions

@@ -13,7 +13,7 @@ from blockdiff.decoding.grammar import GrammarCompiler
 from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
-from blockdiff.engine.auto import AutoMode
+from blockdiff.engine.auto import LOSSLESS, AutoMode
 from blockdiff.engine.block_lengths import choose_block_lengths, load_profile
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
@@ -47,7 +47,7 @@ class RequestOutput:
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
-                 auto_modes: tuple[str, ...] = ("ar", "linear_spec"), quantization: str = "none",
+                 auto_modes: tuple[str, ...] = LOSSLESS, quantization: str = "none",
                  cuda_graphs: bool = False, block_lengths: str | dict[str, int] = "auto"):
         """block_lengths: each mode's block length where a request leaves it out. "auto": for the
         spec modes, the fastest on this machine (engine/block_lengths.py: from the adapter's
