@@ -44,6 +44,19 @@ class RequestOutput:
                 "mode": self.mode, "prompt_tokens": len(self.prompt_token_ids), "metrics": self.metrics.to_dict()}
 
 
+def check_block_lengths(setting: str | dict[str, int]) -> dict[str, int] | None:
+    """LLM's block_lengths argument: a dict of explicit lengths, checked, or None for "auto"."""
+    if setting == "auto":
+        return None
+    if not isinstance(setting, dict):
+        raise ValueError(f"block_lengths must be 'auto' or a dict of mode: length, got {setting!r}")
+    bad = {m: L for m, L in setting.items() if m not in DECODING_MODES or not isinstance(L, int)
+           or isinstance(L, bool) or not 0 < L <= 1024}
+    if bad:
+        raise ValueError(f"block_lengths maps modes ({', '.join(DECODING_MODES)}) to integers in [1, 1024], got {bad}")
+    return setting
+
+
 class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
@@ -57,6 +70,7 @@ class LLM:
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
         if cuda_graphs and not device.startswith("cuda"):
             raise ValueError(f"cuda_graphs replays CUDA graphs and needs device='cuda', not {device!r}")
+        explicit_block_lengths = check_block_lengths(block_lengths)
         torch_dtype = resolve_dtype(dtype, device)
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls by up to 9x
         source = resolve_model(model)
@@ -84,23 +98,16 @@ class LLM:
             _, self.quantization_seconds = choose_quantization(self.model, widths)
         else:
             self.model.prepare_for_inference(quantization)
-        self.block_lengths, self.block_length_estimates = self._block_lengths(block_lengths)
+        self.block_lengths, self.block_length_estimates = self._block_lengths(explicit_block_lengths)
         if cuda_graphs:
             self.model.step_graphs = StepGraphs(self.model)
 
-    def _block_lengths(self, setting: str | dict[str, int]) -> tuple[dict[str, int], dict | None]:
+    def _block_lengths(self, explicit: dict[str, int] | None) -> tuple[dict[str, int], dict | None]:
         """-> (the default block length of every mode, the tokens/s estimates behind the spec
         modes' choice when they were measured)."""
         table = dict(DEFAULT_BLOCK_LENGTHS)
-        if isinstance(setting, dict):
-            bad = {m: L for m, L in setting.items() if m not in DECODING_MODES or not isinstance(L, int)
-                   or isinstance(L, bool) or not 0 < L <= 1024}
-            if bad:
-                raise ValueError(f"block_lengths maps modes ({', '.join(DECODING_MODES)}) to integers in "
-                                 f"[1, 1024], got {bad}")
-            return table | setting, None
-        if setting != "auto":
-            raise ValueError(f"block_lengths must be 'auto' or a dict of mode: length, got {setting!r}")
+        if explicit is not None:
+            return table | explicit, None
         profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
         if profile is None:
             return table, None
