@@ -27,6 +27,7 @@ from blockdiff.errors import CheckpointError
 
 PROFILE_FILE = "acceptance.json"
 SPEC_MODES = ("linear_spec", "quad_spec")
+NOISE = 0.03  # relative spread of forward timings at load on a quiet machine
 MAX_QUAD_BLOCK_LENGTH = 6  # a 42-token fused pass; longer ones only pay on hardware with compute to spare
 
 
@@ -91,7 +92,8 @@ def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:
 
 def choose_block_lengths(profile: AcceptanceProfile, seconds: Callable[[int], float]
                          ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
-    """-> ({mode: the block length with the most expected tokens per second},
+    """-> ({mode: the block length with the most expected tokens per second, or the shortest
+    within NOISE of it},
     {mode: {block length: expected tokens per second}}), for the spec modes the profile covers;
     `seconds(width)` is the time of one decode forward of `width` tokens."""
     chosen, estimates = {}, {}
@@ -101,5 +103,7 @@ def choose_block_lengths(profile: AcceptanceProfile, seconds: Callable[[int], fl
             continue
         estimates[mode] = {L: profile.tokens_per_step(mode, L) / sum(seconds(w) for w in pass_widths(mode, L))
                            for L in lengths}
-        chosen[mode] = max(estimates[mode], key=estimates[mode].get)
+        best = max(estimates[mode].values())
+        # within timing noise of the best, the shortest: it costs least when batches fill up
+        chosen[mode] = min(L for L, rate in estimates[mode].items() if rate >= best * (1 - NOISE))
     return chosen, estimates
