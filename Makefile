@@ -15,9 +15,9 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) -m blockdiff.cli compare "The capital of France is" --max-new-tokens 32 --quad-block-length 8
-	$(PY) -m blockdiff.cli compare "def fibonacci(n):" --max-new-tokens 32 --quad-block-length 8
-	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 32 --quad-block-length 8
+	$(PY) -m blockdiff.cli compare "The capital of France is" --max-new-tokens 32
+	$(PY) -m blockdiff.cli compare "def fibonacci(n):" --max-new-tokens 32
+	$(PY) -m blockdiff.cli compare "Write a haiku about the sea." --chat --max-new-tokens 32
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q tests

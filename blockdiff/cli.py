@@ -106,11 +106,12 @@ def cmd_compare(args) -> None:
         m = out.metrics
         same = "-" if reference is None else ("yes" if out.token_ids == reference.token_ids else "no")
         accept = "-" if m.acceptance is None else f"{m.acceptance:.2f}"
-        rows.append([mode, m.generated_tokens, m.nfe, f"{m.tpf:.2f}", accept, f"{m.tokens_per_s:.1f}", same])
+        block = "-" if mode == "ar" else _params(args, mode).block_length or llm.block_lengths[mode]
+        rows.append([mode, block, m.generated_tokens, m.nfe, f"{m.tpf:.2f}", accept, f"{m.tokens_per_s:.1f}", same])
     print(f"prompt: {args.prompt!r}")
     for mode, out in outs.items():
         print(f"--- {mode}: {out.text!r}")
-    print(format_table(rows, ["mode", "tokens", "NFE", "TPF", "accept", "tok/s", "same as ar"]))
+    print(format_table(rows, ["mode", "L", "tokens", "NFE", "TPF", "accept", "tok/s", "same as ar"]))
 
 
 def main(argv: list[str] | None = None) -> int:

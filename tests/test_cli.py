@@ -31,6 +31,8 @@ def test_compare_tabulates_every_mode(tiny_dir):
     assert rows[0].split("|")[1].strip() == "mode" and len(rows) == 5
     same = {line.split("|")[1].strip(): line.split("|")[-2].strip() for line in rows[1:]}
     assert same["linear_spec"] == "yes" and same["quad_spec"] == "yes"  # lossless at temperature 0
+    blocks = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in rows[1:]}
+    assert blocks == {"ar": "-", "diffusion": "4", "linear_spec": "4", "quad_spec": "4"}
 
 
 def test_bad_input_is_one_clear_line(tiny_dir, tmp_path):
