@@ -156,6 +156,19 @@ def test_auto_generate_is_lossless_and_learns(tmp_path):
     assert all(m["tokens_per_s"] > 0 and m["steps"] >= 2 for m in measured.values())
 
 
+def test_a_seeded_sample_under_auto_is_reproducible(tmp_path):
+    """Spec modes sample other tokens from a seed than ar does, so auto must not pick one for
+    a seeded sampled request, whatever it has measured."""
+    llm = LLM(save_tiny_checkpoint(tmp_path / "m"), dtype="float32", auto_modes=("linear_spec", "quad_spec", "ar"))
+    params = dict(max_new_tokens=12, temperature=1.0, seed=7, use_tqdm=False)
+    ar = llm.generate("the cat", mode="ar", **params)[0]
+    for _ in range(3):
+        out = llm.generate("the cat", mode="auto", **params)[0]
+        assert out.mode == "ar" and out.token_ids == ar.token_ids
+    unseeded = llm.generate("the cat", mode="auto", max_new_tokens=4, temperature=1.0, use_tqdm=False)[0]
+    assert unseeded.mode == "linear_spec"  # no seed to reproduce: the selector's first probe
+
+
 def test_a_model_without_mask_token_only_autos_to_ar(tmp_path):
     llm = LLM(save_tiny_checkpoint(tmp_path / "m", mask_token_id=None), dtype="float32")
     out = llm.generate("the cat", mode="auto", max_new_tokens=4, use_tqdm=False)[0]

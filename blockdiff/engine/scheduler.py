@@ -47,6 +47,13 @@ class Group:
     requests: list[Request] = field(default_factory=list)
 
 
+def seeded_sample(params) -> bool:
+    """A sampled request with a seed: under mode="auto" it runs `ar`, because a spec mode draws
+    other samples from the same seed (lossless in distribution, not per sample), and the same
+    seed must give the same text whatever the selector has measured meanwhile."""
+    return params.seed is not None and not params.greedy
+
+
 class Scheduler:
     def __init__(self, model: Transformer, auto: AutoMode | None = None, max_running: int = 32,
                  block_lengths: dict[str, int] | None = None):
@@ -133,7 +140,7 @@ class Scheduler:
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
             params = request.seq.params
-            mode = self.auto.choose(load) if params.mode == "auto" else params.mode
+            mode = params.mode if params.mode != "auto" else "ar" if seeded_sample(params) else self.auto.choose(load)
             request.seq.params = dataclasses.replace(params, mode=mode,
                                                      block_length=params.block_length or self.block_lengths[mode])
             by_group.setdefault(request.group, []).append(request)
