@@ -106,8 +106,7 @@ def cmd_compare(args) -> None:
         m = out.metrics
         same = "-" if reference is None else ("yes" if out.token_ids == reference.token_ids else "no")
         accept = "-" if m.acceptance is None else f"{m.acceptance:.2f}"
-        block = "-" if mode == "ar" else _params(args, mode).block_length or llm.block_lengths[mode]
-        rows.append([mode, block, m.generated_tokens, m.nfe, f"{m.tpf:.2f}", accept, f"{m.tokens_per_s:.1f}", same])
+        rows.append([mode, "-" if mode == "ar" else out.block_length, m.generated_tokens, m.nfe, f"{m.tpf:.2f}", accept, f"{m.tokens_per_s:.1f}", same])
     print(f"prompt: {args.prompt!r}")
     for mode, out in outs.items():
         print(f"--- {mode}: {out.text!r}")

@@ -13,10 +13,11 @@ DECODING_MODES = ("ar", "diffusion", "linear_spec", "quad_spec")
 MODES = DECODING_MODES + ("auto",)
 # block_length when a request leaves it out and the engine has measured nothing better
 # (engine/block_lengths.py picks the spec modes' lengths per machine). A spec step costs
-# forwards of L (linear_spec) or L*(L+1) (quad_spec) tokens while the drafter's acceptance dies after a few slots, so long
-# blocks only add cost (benchmarks/RESULTS.md, "Engine"). diffusion uses 8, the block the
-# shipped drafter trains at: at 32 it ran at 0.49x ar with 1.4x the perplexity of its text at 8
-# (RESULTS.md, "Structured output, int4, llama.cpp"). ar has no blocks; the value only groups batches.
+# forwards of L (linear_spec) or L*(L+1) (quad_spec) tokens while the drafter's acceptance
+# dies after a few slots, so long blocks only add cost (benchmarks/RESULTS.md, "Engine").
+# diffusion uses 8, the block the shipped drafter trains at: at 32 it ran at 0.49x ar with 1.4x
+# the perplexity of its text at 8 (RESULTS.md, "Structured output, int4, llama.cpp"). ar has no
+# blocks; the value only groups batches.
 DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 8, "linear_spec": 8, "quad_spec": 4}
 
 

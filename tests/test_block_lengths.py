@@ -112,6 +112,7 @@ def test_llm_chooses_from_the_adapters_profile_and_decodes_at_it(tiny_with_profi
         out = llm.generate(prompt, SamplingParams(mode=mode, max_new_tokens=24, ignore_eos=True), use_tqdm=False)[0]
         assert out.token_ids == ar.token_ids  # lossless at whatever length was chosen
         assert len(out.metrics.drafted_by_position) == llm.block_lengths[mode] - 1  # draft slots per step
+        assert out.block_length == llm.block_lengths[mode]  # and the output says which it was
 
 
 def test_explicit_block_lengths_win_and_bad_ones_are_refused(tiny_with_profile):

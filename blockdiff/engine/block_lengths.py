@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from blockdiff.errors import CheckpointError
+from blockdiff.model.autotune import forward_width
 
 PROFILE_FILE = "acceptance.json"
 SPEC_MODES = ("linear_spec", "quad_spec")
@@ -76,10 +77,9 @@ def save_profile(adapter_dir: str | Path, profile: AcceptanceProfile) -> Path:
 
 
 def pass_widths(mode: str, block_length: int) -> list[int]:
-    """Tokens per sequence in each forward of one step of `mode`."""
-    if mode == "linear_spec":
-        return [block_length, block_length]  # draft, then verify
-    return [block_length + block_length * block_length]  # quad_spec: anchors and their sub-blocks
+    """Tokens per sequence in each forward of one step of `mode`: linear_spec drafts, then
+    verifies; quad_spec does both in one pass."""
+    return [forward_width(mode, block_length)] * (2 if mode == "linear_spec" else 1)
 
 
 def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:

@@ -38,6 +38,7 @@ class RequestOutput:
     mode: str
     logprobs: list[TokenLogprob] | None = None  # per output token, when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first None)
+    block_length: int | None = None  # what it decoded with: the engine's default where the request left it out
 
     def to_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "finish_reason": self.finish_reason,
@@ -221,4 +222,5 @@ class LLM:
             text = text[:seq.stop_text_end]
         return RequestOutput(prompt if isinstance(prompt, str) else None, seq.prompt_ids, text,
                              list(seq.output_ids), seq.finish_reason, seq.metrics, seq.params.mode,
-                             seq.logprobs if seq.params.logprobs is not None else None, seq.prompt_logprobs)
+                             seq.logprobs if seq.params.logprobs is not None else None, seq.prompt_logprobs,
+                             seq.params.block_length)

@@ -18,7 +18,7 @@ class ServerConfig:
     # defaults for requests that do not set them
     mode: str = "auto"  # the fastest lossless mode, measured at the current load
     auto_modes: str = "ar,linear_spec,quad_spec"  # what "auto" may choose among
-    block_length: int | None = None  # None: each mode's default (blockdiff.sampling.DEFAULT_BLOCK_LENGTHS)
+    block_length: int | None = None  # None: each mode's engine default (LLM.block_lengths)
     threshold: float = 0.9
     # admission control
     max_running_requests: int = 32
