@@ -76,11 +76,16 @@ def _run(llm, args, mode: str):
     return (llm.chat(prompt, params, use_tqdm=show_bar) if args.chat else llm.generate(prompt, params, use_tqdm=show_bar))[0]
 
 
-def cmd_generate(args) -> None:
+def _load(args):
     from blockdiff.engine.llm import LLM
+    return LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
+               quantization=args.quantization, cuda_graphs=args.cuda_graphs,
+               spec_disable_batch_size=None)  # one prompt at a time: no batch to weigh
+
+
+def cmd_generate(args) -> None:
     _params(args, args.mode)  # bad values fail before the model loads
-    out = _run(LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-              quantization=args.quantization, cuda_graphs=args.cuda_graphs), args, args.mode)
+    out = _run(_load(args), args, args.mode)
     if args.json:
         print(json.dumps(out.to_dict()))
         return
@@ -92,12 +97,10 @@ def cmd_generate(args) -> None:
 
 def cmd_compare(args) -> None:
     from blockdiff.bench.report import format_table
-    from blockdiff.engine.llm import LLM
     modes = [m.strip() for m in args.modes.split(",")]
     for mode in modes:
         _params(args, mode)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, adapter=args.adapter,
-              quantization=args.quantization, cuda_graphs=args.cuda_graphs)
+    llm = _load(args)
     llm.generate(args.prompt, max_new_tokens=2, use_tqdm=False)  # one-time kernel set-up is not decoding speed
     outs = {mode: _run(llm, args, mode) for mode in modes}
     reference = outs.get("ar")

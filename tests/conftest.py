@@ -31,9 +31,10 @@ def hf_tokenizer(gguf_path):
 
 @pytest.fixture(scope="session")
 def default_llm():
-    """The default model in float32 (tests/test_width_invariance.py covers the default dtype)."""
+    """The default model in float32 (tests/test_width_invariance.py covers the default dtype),
+    speculating at every batch size: the tests check speculation itself."""
     from blockdiff import LLM
-    return LLM(dtype="float32")
+    return LLM(dtype="float32", spec_disable_batch_size=None)
 
 
 @pytest.fixture(scope="session")

@@ -104,6 +104,18 @@ def test_a_spec_mode_that_lost_at_a_lower_load_is_not_tried_at_a_higher_one():
     assert auto.choose(32) == "ar"
 
 
+def test_ruled_out_modes_are_neither_probed_nor_chosen():
+    """A spec mode past its speculation limit would run AR steps in a group of its own."""
+    auto = AutoMode(CANDIDATES)
+    assert {auto.choose(16, frozenset({"quad_spec", "linear_spec"})) for _ in range(40)} == {"ar"}
+    feed(auto, "ar", 16, 100)
+    feed(auto, "quad_spec", 16, 300)
+    assert auto.choose(16, frozenset({"quad_spec"})) in ("ar", "linear_spec")  # linear_spec is still unexplored
+    assert auto.choose(16) == "quad_spec"
+    spec_only = AutoMode(("linear_spec",))
+    assert spec_only.choose(16, frozenset({"linear_spec"})) == "linear_spec"  # nothing else to run
+
+
 def test_choice_depends_on_load():
     """Speculation can win alone and lose in a full batch (compute-bound): buckets keep apart."""
     auto = AutoMode(("ar", "linear_spec"))

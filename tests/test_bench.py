@@ -208,11 +208,15 @@ def test_cli_saves_the_acceptance_profile_the_engine_chooses_from(tiny_dir, prom
     assert "default block lengths: " in capsys.readouterr().out
 
     for extra, reason in [(["--temperature", "0.5"], "use --temperature 0"),
-                          (["--modes", "ar,diffusion"], "needs a spec mode")]:
+                          (["--modes", "ar,diffusion"], "needs a spec mode"),
+                          (["--batch-size", "3"], "need --spec-disable-batch-size never")]:
         assert main(argv + extra + ["--save-acceptance", str(adapter)]) == 2
         assert reason in capsys.readouterr().err
     assert main(argv + ["--save-acceptance", str(tmp_path)]) == 2
     assert "is not a draft adapter directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(argv + ["--spec-disable-batch-size", "1"])
+    assert "expected auto, never or an integer >= 2, got '1'" in capsys.readouterr().err
 
 
 def test_cli_bad_mode_is_one_line(capsys):

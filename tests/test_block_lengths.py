@@ -4,8 +4,9 @@ import pytest
 
 from blockdiff.bench.results import Result, acceptance_profile
 from blockdiff.bench.settings import RunConfig
-from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, NOISE, AcceptanceProfile, candidate_lengths,
-                                            choose_block_lengths, load_profile, save_profile)
+from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, NOISE, AcceptanceProfile, batch_ladder,
+                                            candidate_lengths, choose_block_lengths, load_profile, save_profile,
+                                            speculation_limits)
 from blockdiff.engine.llm import LLM
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import save_adapter
@@ -57,6 +58,27 @@ def test_candidates_stop_where_the_profile_does():
     assert candidate_lengths(deep, "linear_spec") == []
     chosen, estimates = choose_block_lengths(deep, lambda width: 1.0)
     assert "linear_spec" not in chosen and "linear_spec" not in estimates
+
+
+def test_batch_ladder_doubles_up_to_the_largest_batch():
+    assert batch_ladder(64) == [2, 4, 8, 16, 32, 64]
+    assert batch_ladder(48) == [2, 4, 8, 16, 32]
+    assert batch_ladder(1) == []
+
+
+def test_speculation_stops_where_the_batch_uses_up_the_spare_compute():
+    """With forwards flat up to 16 tokens in all, linear_spec L3 (two 3-token passes, 2.2
+    tokens a step) still wins at 4 rows (12 tokens a pass) and loses at 8 (24), quad_spec L2
+    (one 6-token pass, 1.5 tokens a step) loses at 4 rows already."""
+    lengths = {"linear_spec": 3, "quad_spec": 2}
+    knee = lambda width, batch=1: max(1.0, width * batch / 16)  # noqa: E731
+    assert speculation_limits(PROFILE, lengths, knee, max_batch=64) == {"linear_spec": 8, "quad_spec": 4}
+    assert speculation_limits(PROFILE, lengths, knee, max_batch=4) == {"quad_spec": 4}
+    assert speculation_limits(PROFILE, lengths, lambda width, batch=1: 1.0, max_batch=64) == {}  # width is free
+    costly = lambda width, batch=1: float(width * batch)  # noqa: E731
+    assert speculation_limits(PROFILE, lengths, costly, max_batch=64) == {"linear_spec": 2, "quad_spec": 2}
+    linear_only = AcceptanceProfile({"linear_spec": PROFILE.rates["linear_spec"]})
+    assert speculation_limits(linear_only, lengths, costly, max_batch=64) == {"linear_spec": 2}
 
 
 def test_profile_round_trips_and_bad_files_name_themselves(tmp_path):
@@ -136,6 +158,27 @@ def test_without_a_profile_the_defaults_stand(tmp_path):
     model_dir = save_tiny_checkpoint(tmp_path / "model", seed=3)
     llm = LLM(model_dir, dtype="float32")
     assert llm.block_lengths == DEFAULT_BLOCK_LENGTHS and llm.block_length_estimates is None
+    assert llm.spec_limits == {}  # nothing says where speculation stops paying: it never stops
+
+
+def test_spec_disable_batch_size_is_measured_set_or_off(tiny_with_profile):
+    model_dir, adapter = tiny_with_profile
+    measured = LLM(model_dir, dtype="float32", adapter=adapter, max_batch_size=8)
+    assert set(measured.spec_limits) <= {"linear_spec", "quad_spec"}
+    assert all(limit in batch_ladder(8) for limit in measured.spec_limits.values())
+    fixed = LLM(model_dir, dtype="float32", adapter=adapter, spec_disable_batch_size=4, block_lengths={})
+    assert fixed.spec_limits == {"linear_spec": 4, "quad_spec": 4}
+    assert LLM(model_dir, dtype="float32", adapter=adapter, spec_disable_batch_size=None).spec_limits == {}
+    for bad in (1, 0, "never", 2.5, True):
+        with pytest.raises(ValueError, match="spec_disable_batch_size must be 'auto', None"):
+            LLM(model_dir, dtype="float32", adapter=adapter, spec_disable_batch_size=bad)
+    prompts = [[5, 9, 14, 42], [7, 3], [11, 2, 8], [4]]
+    greedy = dict(max_new_tokens=16, ignore_eos=True)
+    ar = fixed.generate(prompts, SamplingParams(**greedy), use_tqdm=False)
+    for mode in ("linear_spec", "quad_spec"):
+        outs = fixed.generate(prompts, SamplingParams(mode=mode, **greedy), use_tqdm=False)
+        assert [o.token_ids for o in outs] == [o.token_ids for o in ar]
+        assert all(o.metrics.verify_steps == 0 for o in outs)  # four rows running: AR steps only
 
 
 def test_server_reports_and_uses_the_engines_lengths(tiny_with_profile):

@@ -107,7 +107,7 @@ def test_auto_is_chosen_at_the_load_a_request_joins_and_steps_are_timed_at_the_l
     chosen, recorded = [], []
 
     class Watching(AutoMode):
-        def choose(self, rows):
+        def choose(self, rows, ruled_out=frozenset()):
             chosen.append(rows)
             return "ar"
 
@@ -125,6 +125,59 @@ def test_auto_is_chosen_at_the_load_a_request_joins_and_steps_are_timed_at_the_l
     assert chosen == [2, 2, 3]
     assert recorded == [2, 3]
     assert all(r.seq.params.mode == "ar" for r in requests[:3])
+
+
+def test_spec_groups_take_ar_steps_while_the_load_is_at_their_limit():
+    """Four greedy spec rows and a limit of 2: AR steps while two or more run, drafts again when
+    one is left; every row's tokens are `ar`'s, and auto hears the steps as the mode they ran."""
+    model = tiny_model(6, vocab=24)
+    recorded = []
+
+    class Watching(AutoMode):
+        def record(self, mode, rows, tokens, seconds):
+            recorded.append((mode, rows))
+
+    scheduler = Scheduler(model, Watching(), spec_limits={"linear_spec": 2, "quad_spec": 2})
+    lengths = {"linear_spec": [6, 40], "quad_spec": [6, 12]}  # the 40-token row ends alone
+    requests = [Request(Sequence(PROMPTS[i], SamplingParams(mode=mode, max_new_tokens=n, block_length=3,
+                                                            ignore_eos=True), frozenset()))
+                for i, (mode, n) in enumerate((m, n) for m, ns in lengths.items() for n in ns)]
+    for request in requests:
+        scheduler.add(request)
+    list(scheduler.drain())
+    for request in requests:
+        alone = run(model, [request.seq.prompt_ids], max_new_tokens=request.seq.params.max_new_tokens,
+                    ignore_eos=True)[0]
+        assert request.seq.output_ids == alone.output_ids
+    last = requests[1].seq.metrics
+    assert 0 < last.verify_steps < last.steps  # AR steps under load, then speculation alone
+    assert all(r.seq.metrics.verify_steps == 0 for r in requests if r is not requests[1])
+    assert {mode for mode, rows in recorded if rows >= 2} == {"ar"}
+    assert {mode for mode, rows in recorded if rows == 1} == {"linear_spec"}
+
+
+def test_auto_does_not_place_requests_in_a_spec_mode_past_its_limit():
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, AutoMode(), spec_limits={"linear_spec": 2, "quad_spec": 4})
+    requests = requests_for(PROMPTS[:3], mode="auto", max_new_tokens=8, temperature=0.0)
+    for request in requests:
+        scheduler.add(request)
+    scheduler.step()  # a load of 3: linear_spec would take AR steps, quad_spec would not
+    assert {r.seq.params.mode for r in requests} <= {"ar", "quad_spec"}
+
+
+def test_a_group_with_a_seeded_sampled_request_always_speculates():
+    """Its seed must give the same text at any load: an AR step samples other tokens."""
+    model = tiny_model(6, vocab=24)
+    sampled = dict(mode="linear_spec", max_new_tokens=12, block_length=3, temperature=0.8, ignore_eos=True)
+    scheduler = Scheduler(model, spec_limits={"linear_spec": 2})
+    requests = [Request(Sequence(p, SamplingParams(seed=i, **sampled), frozenset())) for i, p in enumerate(PROMPTS[:3])]
+    for request in requests:
+        scheduler.add(request)
+    list(scheduler.drain())
+    for i, request in enumerate(requests):
+        assert request.seq.metrics.verify_steps == request.seq.metrics.steps > 0
+        assert request.seq.output_ids == run(model, [PROMPTS[i]], seed=i, **sampled)[0].output_ids
 
 
 def test_fail_all_ends_waiting_and_running_requests():

@@ -24,10 +24,12 @@ SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, ou
 def native_llm(request):
     """The default model in its default dtype for this machine (bf16 where native), as it is
     and quantized to int4; with fp16 weights in float32, the dtype that format serves. The
-    tests name their block lengths, so none are timed at load (slow in int4 on AVX2)."""
+    tests name their block lengths and batches speculate at every size, so nothing is timed at
+    load (slow in int4 on AVX2)."""
+    fixed = dict(block_lengths={}, spec_disable_batch_size=None)
     if request.param == "fp16":
-        return LLM(dtype="float32", quantization="fp16", block_lengths={})
-    return LLM(quantization=request.param, block_lengths={})
+        return LLM(dtype="float32", quantization="fp16", **fixed)
+    return LLM(quantization=request.param, **fixed)
 
 
 @pytest.mark.parametrize("quantization", ["none", "int4", "fp16"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from blockdiff import sampling
 from blockdiff.bench.results import acceptance_profile
 from blockdiff.bench.settings import BenchSettings
-from blockdiff.engine.block_lengths import SPEC_MODES, save_profile
+from blockdiff.engine.block_lengths import SPEC_DISABLE_HELP, SPEC_MODES, save_profile, spec_disable_batch_size_arg
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
@@ -51,6 +51,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quad-block-length", dest="quad_block_lengths", type=_list_of(int, "--quad-block-length"),
                    default=None, help="block length(s) for quad_spec, whose fused pass costs L*(L+1) tokens "
                                       "(default: --block-lengths)")
+    p.add_argument("--spec-disable-batch-size", type=spec_disable_batch_size_arg, default=d.spec_disable_batch_size,
+                   help=SPEC_DISABLE_HELP)
     p.add_argument("--thresholds", "--threshold", dest="thresholds", type=_list_of(float, "--thresholds"),
                    default=d.thresholds, help="comma-separated diffusion thresholds, e.g. 0.5,0.7,0.9")
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
@@ -112,3 +114,6 @@ def check_acceptance_target(settings: BenchSettings, adapter_dir: str) -> None:
         raise ValueError("--save-acceptance measures greedy acceptance: use --temperature 0")
     if not set(settings.modes) & set(SPEC_MODES):
         raise ValueError(f"--save-acceptance needs a spec mode among --modes ({', '.join(SPEC_MODES)})")
+    if settings.spec_disable_batch_size is not None and max(settings.batch_sizes) > 1:
+        raise ValueError("--save-acceptance measures a draft at every step: batches of more than one prompt "
+                         "need --spec-disable-batch-size never")

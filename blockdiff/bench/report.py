@@ -45,7 +45,7 @@ def model_info(llm) -> dict:
             "device": str(llm.model.device), "parameters": sum(p.numel() for p in params),
             "weight_bytes": sum(p.numel() * p.element_size() for p in params),
             "mask_token_id": llm.config.mask_token_id, "block_lengths": llm.block_lengths,
-            "block_length_estimates": llm.block_length_estimates}
+            "block_length_estimates": llm.block_length_estimates, "spec_disable_batch_size": llm.spec_limits}
 
 
 def mode_name(r: Result) -> str:
@@ -97,6 +97,8 @@ def markdown_report(bench) -> str:
              f"adapter: {m['adapter']}, quantization: {m['quantization']}",
              "default block lengths: " + ", ".join(f"{mode} {L}" for mode, L in m["block_lengths"].items() if mode != "ar")
              + (" (spec modes chosen from forwards timed at load)" if m["block_length_estimates"] else ""),
+             "spec modes take AR steps from: " + (", ".join(f"{mode} {n} running" for mode, n in
+                                                             m.get("spec_disable_batch_size", {}).items()) or "never"),
              f"{bench.prompt_count} prompts ({s.prompt_set}), max_new_tokens {s.max_new_tokens}, "
              f"temperature {s.temperature:g}, best of {s.repeats} round-robin run(s); "
              f"PPL: perplexity of the outputs under the AR model", "",

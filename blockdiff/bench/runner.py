@@ -46,7 +46,8 @@ class _Job:
 def load_llm(settings: BenchSettings):
     from blockdiff.engine.llm import LLM
     return LLM(settings.model, dtype=settings.dtype, device=settings.device, adapter=settings.adapter,
-               quantization=settings.quantization, cuda_graphs=settings.cuda_graphs)
+               quantization=settings.quantization, cuda_graphs=settings.cuda_graphs,
+               spec_disable_batch_size=settings.spec_disable_batch_size)
 
 
 def time_blockdiff(llm, prompts: list[list[int]], params, batch_size: int) -> Run:

@@ -42,6 +42,7 @@ class BenchSettings:
     num_prompts: int | None = None
     modes: list[str] = field(default_factory=lambda: list(sampling.MODES))
     block_lengths: list[int] | None = None  # None: each mode's default on the loaded engine (LLM.block_lengths)
+    spec_disable_batch_size: str | int | None = "auto"  # as LLM's
     quad_block_lengths: list[int] | None = None  # None: block_lengths
     thresholds: list[float] = field(default_factory=lambda: [0.9])
     max_new_tokens: int = 64

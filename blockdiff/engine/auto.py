@@ -25,6 +25,8 @@ batch is fuller), which under load is the safe side: speculation is what needs s
   (measured on the trained `tiny` at 32 streams: `auto` reached 0.55x `ar` when it probed
   there, 0.81x when it only re-tried the runner-up). Such a mode is re-tried at the load
   where it lost, whenever that load comes back.
+- A spec mode that the scheduler would run as AR steps at the load (its speculation limit,
+  engine/block_lengths.py) is not a candidate there.
 - The choice is made once per request, when it is scheduled; a sequence never switches mode.
 """
 from __future__ import annotations
@@ -74,21 +76,24 @@ class AutoMode:
             stat.tokens_per_s += weight * (rate - stat.tokens_per_s)
             stat.steps += 1
 
-    def choose(self, rows: int) -> str:
-        """The mode for a request that will be decoded alongside about `rows` sequences."""
+    def choose(self, rows: int, ruled_out: frozenset[str] = frozenset()) -> str:
+        """The mode for a request that will be decoded alongside about `rows` sequences, among
+        the candidates not `ruled_out` (spec modes that would take AR steps at this load: as a
+        group of their own they would only add forwards), or all of them if none is left."""
         bucket = load_bucket(rows)
+        candidates = [m for m in self.candidates if m not in ruled_out] or list(self.candidates)
         with self.lock:
             n = self.decisions[bucket] = self.decisions.get(bucket, 0) + 1
-            measured = {m: self.stats.get((m, bucket), Throughput()) for m in self.candidates}
-            explored = [m for m in self.candidates if measured[m].steps >= self.min_steps]
-            presumed_slower = [m for m in self.candidates if m not in explored and self._lost_below(m, bucket)]
-            for m in self.candidates:
+            measured = {m: self.stats.get((m, bucket), Throughput()) for m in candidates}
+            explored = [m for m in candidates if measured[m].steps >= self.min_steps]
+            presumed_slower = [m for m in candidates if m not in explored and self._lost_below(m, bucket)]
+            for m in candidates:
                 last = self.probed_at.get((m, bucket))
                 if m not in explored and m not in presumed_slower and (last is None or n - last >= self.probe_every):
                     self.probed_at[(m, bucket)] = n
                     return m
             if not explored:
-                return self.candidates[0]  # probes are out; the rest wait on no measurement
+                return candidates[0]  # probes are out; the rest wait on no measurement
             ranked = sorted(explored, key=lambda m: measured[m].tokens_per_s, reverse=True)
             if len(ranked) > 1 and n % self.refresh_every == 0:
                 return ranked[1]

@@ -12,12 +12,21 @@ acceptance is measured once, on held-out prompts, and shipped with the adapter
 (acceptance.json, written by `blockdiff bench --save-acceptance`), and the forwards are timed
 when the model loads, as `quantization="auto"` does.
 
-The choice changes no greedy token (the spec modes emit `ar`'s tokens at any L), only speed.
-Only lengths whose every slot was measured are candidates: past the profile the acceptance
-is unknown. A model whose adapter has no profile keeps sampling.DEFAULT_BLOCK_LENGTHS.
+The same numbers say where speculation stops paying: a step of B sequences runs B times the
+tokens of each pass, and a CPU has compute to spare for a few rows only, so past some batch
+size a spec mode commits fewer tokens per second than plain AR steps. `speculation_limits`
+finds that batch size per mode, and the scheduler takes plain AR steps for a spec mode's
+groups while that many sequences run (vLLM's `disable_by_batch_size`, measured rather than
+configured).
+
+The choices change no greedy token (the spec modes emit `ar`'s tokens at any L, and an AR
+step is the verifier's own step), only speed. Only lengths whose every slot was measured are
+candidates: past the profile the acceptance is unknown. A model whose adapter has no profile
+keeps sampling.DEFAULT_BLOCK_LENGTHS and speculates at every batch size.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -90,7 +99,10 @@ def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:
     return list(range(2, longest + 1))
 
 
-def choose_block_lengths(profile: AcceptanceProfile, seconds: Callable[[int], float]
+Seconds = Callable[..., float]  # seconds(width, batch=1): one decode forward of `batch` rows of `width` tokens
+
+
+def choose_block_lengths(profile: AcceptanceProfile, seconds: Seconds
                          ) -> tuple[dict[str, int], dict[str, dict[int, float]]]:
     """-> ({mode: the block length with the most expected tokens per second, or the shortest
     within NOISE of it},
@@ -107,3 +119,50 @@ def choose_block_lengths(profile: AcceptanceProfile, seconds: Callable[[int], fl
         # within timing noise of the best, the shortest: it costs least when batches fill up
         chosen[mode] = min(L for L, rate in estimates[mode].items() if rate >= best * (1 - NOISE))
     return chosen, estimates
+
+
+SPEC_DISABLE_HELP = ("while this many sequences run, the spec modes take plain AR steps (the same tokens at "
+                     "temperature 0): auto: where speculation was measured to stop paying on this machine "
+                     "(engine/block_lengths.py), never, or a batch size >= 2")
+
+
+def check_spec_disable_batch_size(setting: str | int | None) -> str | int | None:
+    """LLM's spec_disable_batch_size argument: "auto", None (never) or a batch size >= 2."""
+    if setting in ("auto", None) or (isinstance(setting, int) and not isinstance(setting, bool) and setting >= 2):
+        return setting
+    raise ValueError(f"spec_disable_batch_size must be 'auto', None (never) or an integer >= 2, got {setting!r}")
+
+
+def spec_disable_batch_size_arg(text: str) -> str | int | None:
+    """The CLI's --spec-disable-batch-size: auto, never or an integer >= 2."""
+    if text == "never":
+        return None
+    try:
+        return check_spec_disable_batch_size(text if text == "auto" else int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, never or an integer >= 2, got {text!r}") from None
+
+
+def batch_ladder(max_batch: int) -> list[int]:
+    """The batch sizes where speculation is weighed against AR: 2, 4, 8, ... up to max_batch."""
+    return [2 ** k for k in range(1, max_batch.bit_length()) if 2 ** k <= max_batch]
+
+
+def speculation_limits(profile: AcceptanceProfile, block_lengths: dict[str, int], seconds: Seconds,
+                       max_batch: int) -> dict[str, int]:
+    """-> {spec mode: the smallest batch size of `batch_ladder(max_batch)` at which the mode, at
+    its block length, is not expected to beat AR steps by more than NOISE}, for the modes the
+    profile covers; a mode that wins at every size is left out. At batch 1 speculation is
+    what the request asked for, so it is never weighed there. Each mode stops at the first
+    size it loses: a fuller batch leaves less compute to spare."""
+    limits = {}
+    for mode in SPEC_MODES:
+        if mode not in profile.rates:
+            continue
+        L = block_lengths[mode]
+        for batch in batch_ladder(max_batch):
+            spec_rate = profile.tokens_per_step(mode, L) / sum(seconds(w, batch) for w in pass_widths(mode, L))
+            if spec_rate <= (1 + NOISE) / seconds(1, batch):
+                limits[mode] = batch
+                break
+    return limits

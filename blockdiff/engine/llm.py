@@ -14,7 +14,8 @@ from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.auto import LOSSLESS, AutoMode
-from blockdiff.engine.block_lengths import choose_block_lengths, load_profile
+from blockdiff.engine.block_lengths import (check_spec_disable_batch_size, choose_block_lengths, load_profile,
+                                            speculation_limits)
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
@@ -62,16 +63,23 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str = "auto", device: str = "cpu",
                  adapter: str | None = None, mask_token_id: int | None = None, max_batch_size: int = 64,
                  auto_modes: tuple[str, ...] = LOSSLESS, quantization: str = "none",
-                 cuda_graphs: bool = False, block_lengths: str | dict[str, int] = "auto"):
+                 cuda_graphs: bool = False, block_lengths: str | dict[str, int] = "auto",
+                 spec_disable_batch_size: str | int | None = "auto"):
         """block_lengths: each mode's block length where a request leaves it out. "auto": for the
         spec modes, the fastest on this machine (engine/block_lengths.py: from the adapter's
         acceptance.json and forwards timed at load), where the adapter ships a profile; otherwise,
-        and for the other modes, sampling.DEFAULT_BLOCK_LENGTHS. A dict sets modes explicitly."""
+        and for the other modes, sampling.DEFAULT_BLOCK_LENGTHS. A dict sets modes explicitly.
+
+        spec_disable_batch_size: while this many sequences run, the spec modes take plain AR
+        steps (the same tokens at temperature 0). "auto": per mode, the batch size past which
+        speculation was measured to lose on this machine (from the same profile and timings;
+        never where the adapter ships no profile); None: never."""
         if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             raise ValueError(f"unknown device {device!r}; allowed: cpu, cuda")
         if cuda_graphs and not device.startswith("cuda"):
             raise ValueError(f"cuda_graphs replays CUDA graphs and needs device='cuda', not {device!r}")
         explicit_block_lengths = check_block_lengths(block_lengths)
+        check_spec_disable_batch_size(spec_disable_batch_size)
         torch_dtype = resolve_dtype(dtype, device)
         torch.set_flush_denormal(True)  # denormals slow CPU matmuls by up to 9x
         source = resolve_model(model)
@@ -99,27 +107,41 @@ class LLM:
             _, self.quantization_seconds = choose_quantization(self.model, widths)
         else:
             self.model.prepare_for_inference(quantization)
-        self.block_lengths, self.block_length_estimates = self._block_lengths(explicit_block_lengths)
+        profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
+        timed = functools.cache(lambda width, batch: forward_seconds(self.model, width, repeats=3, batch=batch))
+        seconds = lambda width, batch=1: timed(width, batch)  # noqa: E731 (one cache for both call forms)
+        self.block_lengths, self.block_length_estimates = self._block_lengths(explicit_block_lengths, profile, seconds)
+        self.spec_limits = self._spec_limits(spec_disable_batch_size, profile, seconds)
         if cuda_graphs:
             self.model.step_graphs = StepGraphs(self.model)
 
-    def _block_lengths(self, explicit: dict[str, int] | None) -> tuple[dict[str, int], dict | None]:
+    def _block_lengths(self, explicit: dict[str, int] | None, profile, seconds
+                       ) -> tuple[dict[str, int], dict | None]:
         """-> (the default block length of every mode, the tokens/s estimates behind the spec
         modes' choice when they were measured)."""
         table = dict(DEFAULT_BLOCK_LENGTHS)
         if explicit is not None:
             return table | explicit, None
-        profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
         if profile is None:
             return table, None
-        seconds = functools.cache(lambda width: forward_seconds(self.model, width, repeats=3))
         chosen, estimates = choose_block_lengths(profile, seconds)
         return table | chosen, estimates
+
+    def _spec_limits(self, setting: str | int | None, profile, seconds) -> dict[str, int]:
+        """{spec mode: the number of running sequences at which it takes AR steps}."""
+        if setting is None or self.config.mask_token_id is None:
+            return {}
+        if setting != "auto":
+            return {"linear_spec": setting, "quad_spec": setting}
+        if profile is None:
+            return {}
+        return speculation_limits(profile, self.block_lengths, seconds, self.max_batch_size)
 
     def make_scheduler(self, max_running: int | None = None) -> Scheduler:
         """The driver of every decode: generate() makes one per call, the server's engine thread
         one for its lifetime. They share this model and the `auto` selector."""
-        return Scheduler(self.model, self.auto, max_running or self.max_batch_size, self.block_lengths)
+        return Scheduler(self.model, self.auto, max_running or self.max_batch_size, self.block_lengths,
+                         self.spec_limits)
 
     def auto_mode_report(self) -> dict:
         """mode="auto"'s candidates and what it has measured so far, by load."""

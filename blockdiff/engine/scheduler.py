@@ -16,6 +16,14 @@ request's mode is chosen when it is admitted, at the load it joins (the sequence
 the newcomers admitted with it), and every decode step reports its throughput at the load it
 ran under.
 
+A spec mode's group takes plain AR steps (the verifier's own step: the same tokens at
+temperature 0, the same distribution when sampling) while at least `spec_limits[mode]`
+sequences run, the batch size past which speculation was measured to lose on this machine
+(engine/block_lengths.py). Its rows keep their state: linear_spec drafts afresh each step,
+and quad_spec's kept drafts are merely stale when speculation resumes (rejected, never
+wrong). A group holding a seeded sampled request always speculates, so the seed reproduces
+its text whatever the load.
+
 A failure (prefill or a decode step raising, e.g. out of memory) ends the requests of that
 group with an error update and the exception on `Request.exception`; the other groups go on.
 """
@@ -29,6 +37,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blockdiff.decoding import ar
 from blockdiff.decoding.batch import DecodeBatch
 from blockdiff.decoding.decoders import Decoder, decoder_for
 from blockdiff.engine.auto import AutoMode
@@ -48,21 +57,23 @@ class Group:
 
 
 def seeded_sample(params) -> bool:
-    """A sampled request with a seed: under mode="auto" it runs `ar`, because a spec mode draws
-    other samples from the same seed (lossless in distribution, not per sample), and the same
-    seed must give the same text whatever the selector has measured meanwhile."""
+    """A sampled request with a seed: under mode="auto" it runs `ar`, and in a spec mode it
+    always speculates, because a spec step draws other samples from the same seed than an AR
+    step (lossless in distribution, not per sample), and the same seed must give the same
+    text whatever the selector has measured or the load is."""
     return params.seed is not None and not params.greedy
 
 
 class Scheduler:
     def __init__(self, model: Transformer, auto: AutoMode | None = None, max_running: int = 32,
-                 block_lengths: dict[str, int] | None = None):
+                 block_lengths: dict[str, int] | None = None, spec_limits: dict[str, int] | None = None):
         if max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {max_running}")
         self.model = model
         self.auto = auto or AutoMode()
         self.max_running = max_running
         self.block_lengths = block_lengths or DEFAULT_BLOCK_LENGTHS  # where a request leaves its block length out
+        self.spec_limits = spec_limits or {}  # spec mode -> sequences running at which its groups take AR steps
         self.waiting: deque[Request] = deque()
         self.groups: dict[tuple, Group] = {}  # in the order they started
         self.router = StepRouter()  # step events to the requests that asked (Request.on_step)
@@ -140,7 +151,8 @@ class Scheduler:
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
             params = request.seq.params
-            mode = params.mode if params.mode != "auto" else "ar" if seeded_sample(params) else self.auto.choose(load)
+            mode = params.mode if params.mode != "auto" else "ar" if seeded_sample(params) else \
+                self.auto.choose(load, frozenset(m for m, limit in self.spec_limits.items() if load >= limit))
             request.seq.params = dataclasses.replace(params, mode=mode,
                                                      block_length=params.block_length or self.block_lengths[mode])
             by_group.setdefault(request.group, []).append(request)
@@ -172,17 +184,22 @@ class Scheduler:
         for key, group in list(self.groups.items()):  # every group has a running request
             load, started = self.num_running, time.perf_counter()
             emitted = sum(len(r.seq.output_ids) for r in group.requests)
+            speculates = self._speculates(key[0], group, load)
             try:
-                group.decoder.step(group.batch)
+                (group.decoder if speculates else ar).step(group.batch)
             except Exception as e:
                 self._fail(group.requests, "decode step failed", e)
                 group.requests = []
             else:
                 emitted = sum(len(r.seq.output_ids) for r in group.requests) - emitted
-                self.auto.record(key[0], load, max(emitted, 0), time.perf_counter() - started)
+                self.auto.record(key[0] if speculates else "ar", load, max(emitted, 0), time.perf_counter() - started)
                 self._settle(group)
             if not group.requests:
                 del self.groups[key]
+
+    def _speculates(self, mode: str, group: Group, load: int) -> bool:
+        limit = self.spec_limits.get(mode)
+        return limit is None or load < limit or any(seeded_sample(r.seq.params) for r in group.requests)
 
     def _settle(self, group: Group) -> None:
         """Report progress, then drop finished rows from the batch and the group."""

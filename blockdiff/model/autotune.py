@@ -31,14 +31,15 @@ def forward_width(mode: str, block_length: int) -> int:
 
 
 @torch.inference_mode()
-def forward_seconds(model: Transformer, width: int, repeats: int) -> float:
-    """Median seconds of a decode forward: `width` tokens over CONTEXT cached ones through the
-    layers, and every row through the output head (the largest product). The cached keys and
+def forward_seconds(model: Transformer, width: int, repeats: int, batch: int = 1) -> float:
+    """Median seconds of a decode forward of `batch` sequences: `width` tokens each over CONTEXT
+    cached ones through the layers, and every row through the output head (the largest
+    product). The cached keys and
     values are zeros: what they hold does not change the work, and a prefill per width would
     cost more than the timing where wide products are slow (int4 on AVX2)."""
-    cache = KVCache(model.config, 1, CONTEXT + width, model.dtype, model.device)
+    cache = KVCache(model.config, batch, CONTEXT + width, model.dtype, model.device)
     cache.advance(CONTEXT)
-    tokens = torch.randint(0, model.config.vocab_size, (1, width), device=model.device)
+    tokens = torch.randint(0, model.config.vocab_size, (batch, width), device=model.device)
     times = []
     for _ in range(repeats + 1):  # the first warms up the kernels' caches
         started = time.perf_counter()

@@ -208,6 +208,7 @@ def build_app(llm, config: ServerConfig) -> FastAPI:
         return {"model_path": llm.model_path, "served_model_name": name, "default_mode": config.mode,
                 "dtype": dtype_name(llm.dtype),
                 "block_length": config.block_length or llm.block_lengths, "threshold": config.threshold,
+                "spec_disable_batch_size": llm.spec_limits,
                 "max_running_requests": config.max_running_requests, "max_queue": config.max_queue,
                 "max_body_bytes": config.max_body_bytes, "context_length": llm.max_context,
                 "auto_mode": llm.auto_mode_report(),

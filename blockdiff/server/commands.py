@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from blockdiff.engine.block_lengths import SPEC_DISABLE_HELP, spec_disable_batch_size_arg
 from blockdiff.model.dtype import DTYPE_CHOICES
 from blockdiff.model.quantize import QUANTIZATION_CHOICES, QUANTIZATION_HELP
 from blockdiff.model.step_graphs import CUDA_GRAPHS_HELP
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--auto-modes", default=d.auto_modes,
                    help="comma-separated lossless modes that mode 'auto' chooses among (by measured tok/s)")
     p.add_argument("--block-length", type=int, default=d.block_length, help="default: per mode")
+    p.add_argument("--spec-disable-batch-size", type=spec_disable_batch_size_arg, default=d.spec_disable_batch_size,
+                   help=SPEC_DISABLE_HELP)
     p.add_argument("--threshold", type=float, default=d.threshold)
     p.add_argument("--max-running-requests", type=int, default=d.max_running_requests,
                    help="sequences decoded together (continuous batching)")
@@ -68,7 +71,8 @@ def cmd_serve(args) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
               auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization,
-              cuda_graphs=config.cuda_graphs)
+              cuda_graphs=config.cuda_graphs, max_batch_size=config.max_running_requests,
+              spec_disable_batch_size=config.spec_disable_batch_size)
     app = build_app(llm, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout_s)

@@ -19,6 +19,7 @@ class ServerConfig:
     mode: str = "auto"  # the fastest lossless mode, measured at the current load
     auto_modes: str = "ar,linear_spec,quad_spec"  # what "auto" may choose among
     block_length: int | None = None  # None: each mode's engine default (LLM.block_lengths)
+    spec_disable_batch_size: str | int | None = "auto"  # engine/block_lengths.py; None: never
     threshold: float = 0.9
     # admission control
     max_running_requests: int = 32

@@ -13,8 +13,11 @@ async function loadServerInfo() {
     const blocks = typeof info.block_length === "object"
       ? Object.entries(info.block_length).filter(([mode]) => mode !== "ar").map(([mode, L]) => `${mode} ${L}`).join(", ")
       : info.block_length;
+    // where the spec modes take AR steps under load (engine/block_lengths.py)
+    const limits = Object.entries(info.spec_disable_batch_size || {}).map(([mode, n]) => `${mode} ${n}`).join(", ");
     byId("server-info").textContent = `${info.served_model_name} · default mode ${info.default_mode}` +
-      ` · block ${blocks} · threshold ${info.threshold} · context ${info.context_length}`;
+      ` · block ${blocks}` + (limits ? ` · AR steps from ${limits} running` : "") +
+      ` · threshold ${info.threshold} · context ${info.context_length}`;
     const mode = byId("mode");
     if (![...mode.options].some(o => o.value === info.default_mode)) mode.add(new Option(info.default_mode));
     mode.value = info.default_mode;
