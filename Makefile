@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 VENV_STAMP := .venv/.installed
 
-.PHONY: demo test test-fast bench results clean-venv
+.PHONY: demo test test-fast bench results llama clean-venv
 
 $(VENV_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -32,6 +32,13 @@ bench: $(VENV_STAMP)
 # every number in benchmarks/RESULTS.md (about an hour on 2 quiet CPU cores)
 results: $(VENV_STAMP)
 	bash benchmarks/reproduce.sh
+
+# the llama.cpp baseline of `blockdiff bench`: llama-cpp-python compiled from its sdist, the
+# library only (no tools, examples or multimodal part), for this CPU: about 10 min on 2 cores
+llama: $(VENV_STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+		-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(PY) -m pip install -q -e '.[llama]'
 
 clean-venv:
 	rm -rf .venv

@@ -96,15 +96,15 @@ def run_prompt_lookup(model, llm, prompts: list[list[int]], max_new_tokens: int,
 
 def llama_cpp_model(llm, threads: int):
     """llama.cpp (the `llama-cpp-python` binding) on the GGUF the model was loaded from, or a
-    sentence saying why it cannot run: it is an optional extra (pip install -e '.[llama]',
-    which builds llama.cpp from the sdist's sources) and reads GGUF files only."""
+    sentence saying why it cannot run: it is an optional extra (`make llama`, which builds
+    llama.cpp from the sdist's sources) and reads GGUF files only."""
     if not str(llm.model_path).endswith(".gguf"):
         return None, f"llama.cpp baseline skipped: {llm.model_path} is not a GGUF file"
     try:
         import llama_cpp.llama_cpp as bindings
         from llama_cpp import Llama
     except ImportError:
-        return None, "llama.cpp baseline skipped: llama-cpp-python is not installed (pip install -e '.[llama]')"
+        return None, "llama.cpp baseline skipped: llama-cpp-python is not installed (make llama)"
     # Off: ggml's extra buffer types (weight repacking; for Q4_1 on x86 that is its AMX kernel),
     # which the binding does not expose: built natively on an AMX Xeon, llama.cpp 0.3.36
     # segfaulted in ggml_backend_amx_mul_mat on the first decode.
