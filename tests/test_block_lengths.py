@@ -4,7 +4,7 @@ import pytest
 
 from blockdiff.bench.results import Result, acceptance_profile
 from blockdiff.bench.settings import RunConfig
-from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, NOISE, AcceptanceProfile, batch_ladder,
+from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, NOISE, SPEC_MODES, AcceptanceProfile, batch_ladder,
                                             candidate_lengths, choose_block_lengths, load_profile, save_profile,
                                             speculation_limits)
 from blockdiff.engine.llm import LLM
@@ -34,9 +34,30 @@ def test_choice_maximises_expected_tokens_per_second(knee):
     chosen, estimates = choose_block_lengths(PROFILE, seconds)
     assert chosen["linear_spec"] == brute_force(PROFILE, seconds, "linear_spec", lambda L: [L, L])
     assert chosen["quad_spec"] == brute_force(PROFILE, seconds, "quad_spec", lambda L: [L + L * L])
-    assert set(estimates["linear_spec"]) == {2, 3, 4, 5, 6}
+    assert set(estimates["linear_spec"]) <= {2, 3, 4, 5, 6}
     # linear_spec L=3: 1 + 0.8 + 0.4 tokens from two 3-token forwards
     assert estimates["linear_spec"][3] == pytest.approx(2.2 / (2 * seconds(3)))
+
+
+STRONG = AcceptanceProfile({"linear_spec": [0.9] * 11, "quad_spec": [0.9] * 5})
+
+
+@pytest.mark.parametrize("profile", [PROFILE, STRONG], ids=["weak", "strong"])
+@pytest.mark.parametrize("cost", ["flat", "linear", "steps of 6", "knee 12"])
+def test_the_scan_stops_early_only_where_no_longer_block_can_win(profile, cost):
+    """Whatever the drafter and however the forwards grow with the width (fbgemm's fp16 cost
+    climbs in steps of 6 rows), the early stop chooses what timing every length would; where
+    widths cost, it times fewer of the long ones."""
+    seconds = {"flat": lambda w: 1.0, "linear": lambda w: float(w), "steps of 6": lambda w: float(-(-w // 6)),
+               "knee 12": flat_until(12)}[cost]
+    timed = []
+    chosen, estimates = choose_block_lengths(profile, lambda w: timed.append(w) or seconds(w))
+    for mode, widths_of in (("linear_spec", lambda L: [L, L]), ("quad_spec", lambda L: [L + L * L])):
+        assert chosen[mode] == brute_force(profile, seconds, mode, widths_of)
+    if cost == "flat":
+        assert all(set(estimates[m]) == set(candidate_lengths(profile, m)) for m in SPEC_MODES)
+    if cost == "linear" and profile is PROFILE:
+        assert sorted(set(timed)) == [2, 3, 6, 12]  # linear_spec L2-3, quad_spec L2-3: not L4-6, L4
 
 
 def test_choice_follows_the_machine():

@@ -107,14 +107,23 @@ def choose_block_lengths(profile: AcceptanceProfile, seconds: Seconds
     """-> ({mode: the block length with the most expected tokens per second, or the shortest
     within NOISE of it},
     {mode: {block length: expected tokens per second}}), for the spec modes the profile covers;
-    `seconds(width)` is the time of one decode forward of `width` tokens."""
+    `seconds(width)` is the time of one decode forward of `width` tokens.
+
+    Lengths are timed shortest first, and a mode's scan stops once a longer block could not
+    come within NOISE of the best so far even committing the profile's longest draft: its
+    passes cost no less than this length's. The longest blocks are the dearest to time."""
     chosen, estimates = {}, {}
     for mode in SPEC_MODES:
         lengths = candidate_lengths(profile, mode)
         if not lengths:
             continue
-        estimates[mode] = {L: profile.tokens_per_step(mode, L) / sum(seconds(w) for w in pass_widths(mode, L))
-                           for L in lengths}
+        most = profile.tokens_per_step(mode, lengths[-1])
+        estimates[mode] = {}
+        for L in lengths:
+            cost = sum(seconds(w) for w in pass_widths(mode, L))
+            estimates[mode][L] = profile.tokens_per_step(mode, L) / cost
+            if most / cost < max(estimates[mode].values()) * (1 - NOISE):
+                break
         best = max(estimates[mode].values())
         # within timing noise of the best, the shortest: it costs least when batches fill up
         chosen[mode] = min(L for L, rate in estimates[mode].items() if rate >= best * (1 - NOISE))
