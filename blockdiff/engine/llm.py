@@ -14,8 +14,8 @@ from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.auto import LOSSLESS, AutoMode
-from blockdiff.engine.block_lengths import (check_spec_disable_batch_size, choose_block_lengths, load_profile,
-                                            speculation_limits)
+from blockdiff.engine.block_lengths import (SPEC_MODES, check_spec_disable_batch_size, choose_block_lengths,
+                                            load_profile, speculation_limits)
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
@@ -132,7 +132,7 @@ class LLM:
         if setting is None or self.config.mask_token_id is None:
             return {}
         if setting != "auto":
-            return {"linear_spec": setting, "quad_spec": setting}
+            return dict.fromkeys(SPEC_MODES, setting)
         if profile is None:
             return {}
         return speculation_limits(profile, self.block_lengths, seconds, self.max_batch_size)

@@ -148,11 +148,12 @@ class Scheduler:
 
     def _admit(self, newcomers: list[Request]) -> None:
         load = self.num_running + len(newcomers)
+        ar_stepped = frozenset(m for m in self.spec_limits if self._past_limit(m, load))
         by_group: dict[tuple, list[Request]] = {}
         for request in newcomers:
             params = request.seq.params
             mode = params.mode if params.mode != "auto" else "ar" if seeded_sample(params) else \
-                self.auto.choose(load, frozenset(m for m, limit in self.spec_limits.items() if load >= limit))
+                self.auto.choose(load, ar_stepped)
             request.seq.params = dataclasses.replace(params, mode=mode,
                                                      block_length=params.block_length or self.block_lengths[mode])
             by_group.setdefault(request.group, []).append(request)
@@ -197,9 +198,12 @@ class Scheduler:
             if not group.requests:
                 del self.groups[key]
 
+    def _past_limit(self, mode: str, load: int) -> bool:
+        """Whether `mode` takes AR steps while `load` sequences run."""
+        return mode in self.spec_limits and load >= self.spec_limits[mode]
+
     def _speculates(self, mode: str, group: Group, load: int) -> bool:
-        limit = self.spec_limits.get(mode)
-        return limit is None or load < limit or any(seeded_sample(r.seq.params) for r in group.requests)
+        return not self._past_limit(mode, load) or any(seeded_sample(r.seq.params) for r in group.requests)
 
     def _settle(self, group: Group) -> None:
         """Report progress, then drop finished rows from the batch and the group."""
