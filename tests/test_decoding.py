@@ -146,3 +146,31 @@ def test_diffusion_ends_a_block_at_a_stop_string_without_denoising_past_it():
     # threshold 1 fills one slot per pass: the free run needed 15; this one stopped once the
     # slots up to the stop string were filled, and 15 passes means the text was only cut at the end
     assert seq.metrics.nfe < free.metrics.nfe == 15
+
+
+def test_diffusion_runs_the_output_head_over_masked_slots_only(monkeypatch):
+    """Each denoising pass decides the slots still masked; their logits, computed alone, pick
+    what logits of the whole block pick (greedy and sampled rows), for fewer head rows."""
+    from blockdiff.decoding import diffusion
+
+    def full_logits(batch, hidden, drawn):
+        return batch.model.logits(hidden)
+
+    model = tiny_model(3, vocab=26)
+    prompts = [[1, 2, 3], [4], [5, 6, 7, 8, 9]]
+    cases = [dict(mode="diffusion", max_new_tokens=13, block_length=6, threshold=0.6),
+             dict(mode="diffusion", max_new_tokens=11, block_length=4, threshold=0.3, temperature=0.9, seed=7)]
+    head_rows = []
+    logits = model.logits
+    monkeypatch.setattr(model, "logits", lambda hidden: head_rows.append(hidden.shape[:-1].numel()) or logits(hidden))
+    for params in cases:
+        head_rows.clear()
+        masked_only = run(model, prompts, **params)
+        masked_rows = sum(head_rows)
+        with monkeypatch.context() as m:
+            m.setattr(diffusion, "_logits_of", full_logits)
+            head_rows.clear()
+            whole = run(model, prompts, **params)
+        assert [s.output_ids for s in masked_only] == [s.output_ids for s in whole]
+        assert [s.metrics.nfe for s in masked_only] == [s.metrics.nfe for s in whole]
+        assert masked_rows < sum(head_rows)

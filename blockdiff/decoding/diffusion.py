@@ -14,12 +14,32 @@ def extra_slots(seq: Sequence) -> int:
     return seq.params.block_length
 
 
-def slots_to_commit(confidence: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(k,) confidence of a pass's picks for k masked slots -> (k,) bool: every pick at least
-    `threshold` confident, and always the most confident one, so each pass makes progress."""
-    commit = confidence >= threshold
-    commit[confidence.argmax()] = True
+def slots_to_commit(confidence: torch.Tensor, drawn: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """(B, L) confidence of a pass's picks, (B, L) bool slots they were drawn for, (B,)
+    thresholds -> (B, L) bool: every drawn pick at least its row's threshold confident, and in
+    each row with a drawn slot always the most confident one, so each pass makes progress."""
+    commit = drawn & (confidence >= threshold[:, None])
+    best = confidence.masked_fill(~drawn, float("-inf")).argmax(1)  # (B,): the first of equals
+    commit[torch.arange(len(best)), best] |= drawn.any(1)
     return commit
+
+
+def stop_rule(batch: DecodeBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ends each row's sequence this step, for `stop_slots`: its stop tokens (B, S),
+    padded with -1, which matches no token, and the first block slot allowed to stop (B,):
+    stop tokens count from min_tokens on (Sequence.append's rule)."""
+    stops = [sorted(seq.stop_ids) or [-1] for seq in batch.seqs]
+    width = max(map(len, stops))
+    table = torch.tensor([ids + [-1] * (width - len(ids)) for ids in stops])  # (B, S)
+    first = torch.tensor([max(1, seq.params.min_tokens - len(seq.output_ids)) for seq in batch.seqs])  # (B,)
+    return table, first
+
+
+def stop_slots(block: torch.Tensor, rule: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """(B, L) block -> (B, L) bool: the slots holding a token that ends their row's sequence."""
+    table, first = rule
+    is_stop = (block[:, :, None] == table[:, None, :]).any(-1)  # (B, L)
+    return is_stop & (torch.arange(block.shape[1])[None, :] >= first[:, None])
 
 
 def start(batch: DecodeBatch) -> None:
@@ -27,48 +47,48 @@ def start(batch: DecodeBatch) -> None:
 
 
 def step(batch: DecodeBatch) -> None:
-    """Decode one block per sequence."""
+    """Decode one block per sequence. The rows advance together: each pass is one forward,
+    one pick and one host copy for the whole batch; only rows with stop strings are searched
+    on the host, one at a time (their text has to be detokenized)."""
     L, B = batch.block_length, len(batch)
     block = torch.cat([batch.pending_tokens(), batch.masks(L - 1)], dim=1)  # (B, L)
     slot = torch.arange(L)
     # slots this block must fill: a final block may need fewer than L-1
-    width = torch.tensor([min(L - 1, seq.remaining) for seq in batch.seqs])
+    width = torch.tensor([min(L - 1, seq.remaining) for seq in batch.seqs])  # (B,)
     needed = (slot[None, :] >= 1) & (slot[None, :] <= width[:, None])  # (B, L)
     end = width + 1  # per row, one past the last slot to emit
-    active = needed.any(dim=1).tolist()
+    threshold = torch.tensor([seq.params.threshold for seq in batch.seqs])  # (B,)
+    rule = stop_rule(batch)
+    stop_strings = [row for row, seq in enumerate(batch.seqs) if seq.params.stop]
+    observed = [row for row in range(B) if batch.observed(row)]
+    active = needed.any(1)  # (B,)
     denoise_step = 0
-    while any(active):
-        stepped = list(active)  # rows that take this pass (the loop below updates `active`)
-        hidden = batch.draft_pass(block, counted=active)  # (B, L, hidden)
-        logits = batch.model.logits(hidden)  # (B, L, V): no shift, slot i predicts slot i
-        picks = batch.pick(logits, drawn=needed & torch.tensor(active)[:, None])  # (B, L) tokens and confidence
-        for row, seq in enumerate(batch.seqs):
-            if not active[row]:
-                continue
-            slots = needed[row].nonzero()[:, 0]
-            tokens, confidence = picks.tokens[row, slots], picks.confidence[row, slots]
-            commit = slots_to_commit(confidence, seq.params.threshold)
-            block[row, slots[commit]] = tokens[commit]
-            needed[row, slots[commit]] = False
-            # stop early once a stop token or a stop string is decoded with no MASK left of it
-            filled = int(needed[row].nonzero()[0, 0]) if needed[row].any() else int(end[row])
-            stops = [i for i in range(1, filled) if int(block[row, i]) in seq.stop_ids
-                     and seq.may_stop(len(seq.output_ids) + i)]
-            done = bool(stops)
-            if stops:
-                end[row] = stops[0] + 1
-            elif needed[row].any() and seq.completes_stop_string(block[row, 1:filled].tolist()):
-                end[row], done = filled, True  # emitting the block cuts its text at the stop string
-            active[row] = not done and bool(needed[row].any())
-        for row in range(B):
-            if stepped[row] and batch.observed(row):
+    while bool(active.any()):
+        drawn = needed & active[:, None]  # (B, L): the slots this pass decides
+        hidden = batch.draft_pass(block, counted=active.tolist())  # (B, L, hidden)
+        picks = batch.pick(_logits_of(batch, hidden, drawn), drawn=drawn)  # (B, L) tokens and confidence
+        commit = slots_to_commit(picks.confidence, drawn, threshold)  # (B, L)
+        block = torch.where(commit, picks.tokens, block)
+        needed &= ~commit
+        # stop early once a stop token or a stop string is decoded with no MASK left of it
+        filled = torch.where(needed.any(1), needed.int().argmax(1), end)  # (B,): the first MASK, or the end
+        stops = stop_slots(block, rule) & (slot[None, :] < filled[:, None])  # (B, L)
+        stopped = active & stops.any(1)
+        end = torch.where(stopped, stops.int().argmax(1) + 1, end)
+        for row in stop_strings:
+            if active[row] and not stopped[row] and needed[row].any() and \
+                    batch.seqs[row].completes_stop_string(block[row, 1:filled[row]].tolist()):
+                end[row], stopped[row] = filled[row], True  # emitting the block cuts its text at the stop string
+        for row in observed:
+            if active[row]:
                 batch.event("denoise", row, step=denoise_step, block=block[row].tolist(),
                             masked=(needed[row] & (slot < end[row])).tolist(), end=int(end[row]))
+        active &= ~stopped & needed.any(1)
         denoise_step += 1
 
-    for row, seq in enumerate(batch.seqs):
+    for row, (seq, tokens, stop) in enumerate(zip(batch.seqs, block.tolist(), end.tolist())):
         seq.metrics.steps += 1
-        batch.emit(row, block[row, 1:int(end[row])].tolist())
+        batch.emit(row, tokens[1:stop])
     live = [not seq.finished for seq in batch.seqs]
     if not any(live):
         return
@@ -80,3 +100,15 @@ def step(batch: DecodeBatch) -> None:
     for row, token in enumerate(tokens):
         if live[row]:
             batch.emit(row, [token])
+
+
+def _logits_of(batch: DecodeBatch, hidden: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+    """(B, L, hidden) -> (B, L, V) logits of the drawn slots, zeros elsewhere (never read):
+    the output head, the widest product of a pass, runs over the slots still masked only."""
+    B, L, _ = hidden.shape
+    rows, slots = drawn.nonzero(as_tuple=True)  # (n,) each
+    on_device = rows.to(hidden.device), slots.to(hidden.device)
+    logits = batch.model.logits(hidden[on_device])  # (n, V)
+    out = logits.new_zeros(B, L, logits.shape[-1])  # (B, L, V)
+    out[on_device] = logits
+    return out
