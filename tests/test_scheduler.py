@@ -214,3 +214,41 @@ def test_generate_hands_every_sequences_step_events_to_on_event(tmp_path):
     committed = [t for kind, p in events if kind == "commit" for t in p["tokens"]]
     assert len(committed) == sum(len(o.token_ids) for o in outs) > 0
     assert {kind for kind, _ in events} == {"draft", "verify", "commit"}
+
+
+def test_prompts_of_very_different_lengths_are_prefilled_apart_with_the_same_tokens(monkeypatch):
+    """Right-padding a long prompt's batch-mates to its length would multiply the prefill's
+    work: newcomers are prefilled in batches of similar lengths, and decode as they would alone."""
+    from blockdiff.engine import scheduler as scheduling
+
+    model = tiny_model(6, vocab=24)
+    prompts = [[1, 2, 3], list(range(1, 20)) * 10, [4, 5], [7] * 150, [8, 9, 10, 11]]
+    widths = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda tokens, *a, **k: widths.append(tuple(tokens.shape)) or forward(tokens, *a, **k))
+    scheduler = Scheduler(model, max_running=8)
+    requests = requests_for(prompts, mode="ar")
+    for request in requests:
+        scheduler.add(request)
+    scheduler.step()  # admits every request: their prefills, then one decode step
+    prefills = widths[:-1]
+    assert sorted(prefills) == [(2, 190), (3, 4)]  # the short three together, the two long ones together
+    padding = sum(b * t for b, t in prefills) - sum(map(len, prompts))
+    assert padding <= scheduling.PREFILL_PADDING * sum(map(len, prompts))
+    list(scheduler.drain())
+    for prompt, request in zip(prompts, requests):
+        alone = run(model, [prompt], eos=6, **vars(request.seq.params))[0]
+        assert request.seq.output_ids == alone.output_ids
+
+
+def test_prefill_chunks_keep_small_paddings_together():
+    from blockdiff.engine.scheduler import prefill_chunks
+
+    def lengths(chunks):
+        return [[len(r.seq.prompt_ids) for r in chunk] for chunk in chunks]
+
+    short = requests_for([[1] * n for n in (5, 1, 30)])  # 30 slots of padding: below the floor
+    assert lengths(prefill_chunks(short)) == [[1, 5, 30]]
+    mixed = requests_for([[1] * n for n in (100, 10, 110, 12, 400)])
+    assert lengths(prefill_chunks(mixed)) == [[10, 12], [100, 110], [400]]
+    assert lengths(prefill_chunks([])) == []

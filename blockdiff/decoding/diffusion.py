@@ -103,8 +103,8 @@ def step(batch: DecodeBatch) -> None:
 
 
 def _logits_of(batch: DecodeBatch, hidden: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
-    """(B, L, hidden) -> (B, L, V) logits of the drawn slots, zeros elsewhere (never read):
-    the output head, the widest product of a pass, runs over the slots still masked only."""
+    """(B, L, hidden) -> (B, L, V) logits of the drawn slots, zeros elsewhere (whose picks go
+    unused): the output head, the widest product of a pass, runs over the slots still masked only."""
     B, L, _ = hidden.shape
     rows, slots = drawn.nonzero(as_tuple=True)  # (n,) each
     on_device = rows.to(hidden.device), slots.to(hidden.device)

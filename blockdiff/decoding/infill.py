@@ -64,7 +64,8 @@ def step(batch: DecodeBatch) -> None:
     logits = batch.model.logits(hidden[0, slots])  # (k, V): no shift, slot i predicts slot i
     picks = pick(logits[None], [seq.params], [seq.generator])
     tokens, confidence = picks.tokens[0], picks.confidence[0]  # (k,) each
-    commit = slots_to_commit(confidence, seq.params.threshold)
+    every = torch.ones(1, len(slots), dtype=torch.bool)  # (1, k): each pick was drawn
+    commit = slots_to_commit(confidence[None], every, torch.tensor([seq.params.threshold]))[0]  # (k,)
     gap.window[0, slots[commit]] = tokens[commit]
     gap.open[slots[commit]] = False
     if not gap.open[lo:hi].any():

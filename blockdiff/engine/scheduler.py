@@ -2,8 +2,9 @@
 
 `add` queues a request. `step` admits waiting requests (up to `max_running` sequences across
 all groups), prefills the newcomers of each (mode, block_length) group as a batch of their own
-and merges them into that group's running DecodeBatch, then runs one decode step of every group
-in the order the groups started, and returns an Update for each request that made progress.
+(several where their prompt lengths differ widely: `prefill_chunks`) and merges them into that
+group's running DecodeBatch, then runs one decode step of every group in the order the groups
+started, and returns an Update for each request that made progress.
 Groups in different modes share the step, not a forward. Every row keeps its own cache length,
 generator and draft state, so a sequence's tokens do not depend on who shares its batch.
 
@@ -62,6 +63,34 @@ def seeded_sample(params) -> bool:
     step (lossless in distribution, not per sample), and the same seed must give the same
     text whatever the selector has measured or the load is."""
     return params.seed is not None and not params.greedy
+
+
+# A batched prefill right-pads its prompts to the longest; newcomers whose padding would add
+# more than PREFILL_PADDING of their tokens, and more than PREFILL_PADDING_TOKENS slots, are
+# prefilled as several batches of similar lengths instead (a forward's fixed cost is about
+# that of a few dozen tokens on a CPU; a long prompt among short ones would multiply the work).
+PREFILL_PADDING = 0.25
+PREFILL_PADDING_TOKENS = 64
+
+
+def prefill_chunks(requests: list[Request]) -> list[list[Request]]:
+    """Requests -> batches to prefill one after another, shortest prompts first, each padded
+    by at most PREFILL_PADDING of its tokens or PREFILL_PADDING_TOKENS slots. A row's prefill
+    does not depend on the rows beside it, so the split changes no token."""
+    chunks: list[list[Request]] = []
+    tokens = 0
+    for request in sorted(requests, key=lambda r: len(r.seq.prompt_ids)):
+        length = len(request.seq.prompt_ids)
+        if chunks:
+            padded = (len(chunks[-1]) + 1) * length  # the longest so far is this one
+            waste = padded - (tokens + length)
+            if waste <= max(PREFILL_PADDING * (tokens + length), PREFILL_PADDING_TOKENS):
+                chunks[-1].append(request)
+                tokens += length
+                continue
+        chunks.append([request])
+        tokens = length
+    return chunks
 
 
 class Scheduler:
@@ -158,20 +187,25 @@ class Scheduler:
                                                      block_length=params.block_length or self.block_lengths[mode])
             by_group.setdefault(request.group, []).append(request)
         for key, requests in by_group.items():
-            try:
-                group = self._start_group(requests)
-            except Exception as e:
-                self._fail(requests, "prefill failed", e)
-                continue
-            self._settle(group)
-            if not group.requests:
-                continue
-            running = self.groups.get(key)
-            if running is None:
-                self.groups[key] = group
-            else:  # a live group: its batch has at least one row
-                running.batch.merge(group.batch)
-                running.requests.extend(group.requests)
+            for chunk in prefill_chunks(requests):
+                self._join(key, chunk)
+
+    def _join(self, key: tuple, requests: list[Request]) -> None:
+        """Prefill newcomers of one group as a batch and merge them into the group's running batch."""
+        try:
+            group = self._start_group(requests)
+        except Exception as e:
+            self._fail(requests, "prefill failed", e)
+            return
+        self._settle(group)
+        if not group.requests:
+            return
+        running = self.groups.get(key)
+        if running is None:
+            self.groups[key] = group
+        else:  # a live group: its batch has at least one row
+            running.batch.merge(group.batch)
+            running.requests.extend(group.requests)
 
     def _start_group(self, requests: list[Request]) -> Group:
         seqs = [r.seq for r in requests]
