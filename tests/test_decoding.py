@@ -174,3 +174,62 @@ def test_diffusion_runs_the_output_head_over_masked_slots_only(monkeypatch):
         assert [s.output_ids for s in masked_only] == [s.output_ids for s in whole]
         assert [s.metrics.nfe for s in masked_only] == [s.metrics.nfe for s in whole]
         assert masked_rows < sum(head_rows)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_long_prompts_prefilled_in_chunks_decode_the_same_tokens(monkeypatch, mode, temperature):
+    """Prompts longer than PREFILL_CHUNK are cached a chunk at a time (the rest of quad_spec's
+    fused pass included); each row's states, and so its tokens and prompt logprobs, are the
+    ones a single pass gives, and no prefill pass is wider than a chunk."""
+    from blockdiff.decoding import batch as batching
+
+    model = tiny_model(4, vocab=24, sharpness=1.5)  # unsure enough that a wrong cache shows
+    prompts = [list(range(1, 12)), [5] * 3, list(range(20, 0, -1)), [7, 8, 9, 10, 11, 12, 13, 14]]
+    params = dict(mode=mode, max_new_tokens=9, block_length=3, temperature=temperature, seed=11, prompt_logprobs=2)
+    if mode == "diffusion":
+        params.pop("prompt_logprobs")  # scored from causal logits, which diffusion does not keep
+
+    def decode_with(chunk):
+        monkeypatch.setattr(batching, "PREFILL_CHUNK", chunk)
+        widths = []
+        forward = model.forward
+        monkeypatch.setattr(model, "forward", lambda t, *a, **k: widths.append(t.shape[1]) or forward(t, *a, **k))
+        seqs = run(model, prompts, eos=6, **params)
+        monkeypatch.setattr(model, "forward", forward)
+        return seqs, widths
+
+    whole, whole_widths = decode_with(1024)
+    chunked, chunked_widths = decode_with(4)
+    assert [s.output_ids for s in chunked] == [s.output_ids for s in whole]
+    assert [s.prompt_logprobs for s in chunked] == [s.prompt_logprobs for s in whole]
+    fused = 3 if mode == "quad_spec" else 0  # quad_spec's prefill ends with a MASK block
+    assert whole_widths[0] == 20 + fused and chunked_widths[:5] == [4, 4, 4, 4, 4 + fused]  # one batch, 20 slots
+    assert [s.metrics.prefill_nfe for s in chunked] == [-(-len(p) // 4) for p in prompts]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_prefill_in_chunks_caches_what_one_pass_caches(monkeypatch, mode):
+    """The invariant behind the test above, against one pass: every row's cache holds its
+    prompt's keys and values bit for bit, and nothing more."""
+    from blockdiff.decoding import batch as batching
+    from blockdiff.decoding.batch import DecodeBatch
+    from blockdiff.decoding.decoders import DECODERS
+
+    model = tiny_model(4, vocab=24)
+    prompts = [list(range(1, 12)), [5] * 3, list(range(20, 0, -1))]
+
+    def prefilled(chunk):
+        monkeypatch.setattr(batching, "PREFILL_CHUNK", chunk)
+        seqs = [Sequence(p, SamplingParams(mode=mode, max_new_tokens=4, block_length=3)) for p in prompts]
+        batch = DecodeBatch(model, seqs, DECODERS[mode].extra_slots(seqs[0]))
+        with torch.inference_mode():
+            DECODERS[mode].start(batch)
+        return batch.cache, [s.output_ids for s in seqs]
+
+    (whole, first), (chunked, chunked_first) = prefilled(1024), prefilled(4)
+    assert chunked.lengths.tolist() == whole.lengths.tolist() == list(map(len, prompts))
+    for row, n in enumerate(map(len, prompts)):
+        assert torch.equal(chunked.k[:, row, :, :n], whole.k[:, row, :, :n])
+        assert torch.equal(chunked.v[:, row, :, :n], whole.v[:, row, :, :n])
+    assert chunked_first == first

@@ -25,6 +25,10 @@ from blockdiff.model.transformer import Transformer
 # and every payload also has nfe and completion_tokens, the row's running counts.
 EventHook = Callable[[str, dict], None]
 
+# The widest prefill pass: longer prompts are cached PREFILL_CHUNK tokens at a time
+# (`DecodeBatch.cache_prompts`), which bounds a pass's attention scores by the span.
+PREFILL_CHUNK = 256
+
 
 class StepObserver(Protocol):
     """Who hears a batch's step events. Decoders build a row's payload only when `wants` says so."""
@@ -181,15 +185,45 @@ class DecodeBatch:
             seq.finish_reason = "abort"
 
     def prefill(self) -> None:
-        """Causal pass over the (right-padded) prompts; emits each sequence's first token."""
+        """Causal passes over the (right-padded) prompts; emits each sequence's first token."""
+        tokens, lengths = self.prompt_tokens()  # (B, P)
+        hidden = self.cache_prompts(tokens, lengths, tokens.shape[1])  # (B, P, hidden)
+        self.emit_after_prompts(hidden, lengths)
+
+    def prompt_tokens(self) -> tuple[torch.Tensor, list[int]]:
+        """The prompts right-padded with zeros, (B, P), and their lengths."""
         lengths = [len(s.prompt_ids) for s in self.seqs]
         tokens = torch.zeros(len(self.seqs), max(lengths), dtype=torch.long)  # (B, P)
         for row, seq in enumerate(self.seqs):
             tokens[row, :lengths[row]] = torch.tensor(seq.prompt_ids)
-            seq.metrics.prefill_nfe += 1
-        hidden = self.model(tokens, None, self.cache, "causal")  # (B, P, hidden)
-        self.cache.advance(lengths)
-        self.emit_after_prompts(hidden, lengths)
+        return tokens, lengths
+
+    def cache_prompts(self, tokens: torch.Tensor, lengths: list[int], end: int) -> torch.Tensor:
+        """Cache the first `end` slots of the (B, P) right-padded prompts (each row's tokens
+        among them), in causal passes of at most PREFILL_CHUNK tokens; -> their (B, end, hidden)
+        states. `prompt_head_end` is where a caller that passes the rest itself stops.
+
+        One pass over a long prompt materialises attention scores of its length squared; in
+        passes of PREFILL_CHUNK each is at most that by the span, and a row's keys land in the
+        slots one pass would have put them in, so its states are the same (model/attention.py)."""
+        hidden = [torch.empty(len(self.seqs), 0, self.model.config.hidden_size, dtype=self.model.dtype,
+                              device=self.model.device)]  # (B, 0, hidden)
+        for lo in range(0, end, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, end)
+            hidden.append(self.model(tokens[:, lo:hi], None, self.cache, "causal"))  # (B, hi - lo, hidden)
+            self.count_prefill(lengths, lo)
+            self.cache.advance([min(max(n - lo, 0), hi - lo) for n in lengths])
+        return torch.cat(hidden, dim=1)
+
+    @staticmethod
+    def prompt_head_end(width: int) -> int:
+        """Where the last prefill pass over prompts `width` slots wide starts."""
+        return max(width - 1, 0) // PREFILL_CHUNK * PREFILL_CHUNK
+
+    def count_prefill(self, lengths: list[int], start: int) -> None:
+        """A prefill pass from slot `start` costs an NFE to each row with prompt tokens in it."""
+        for seq, n in zip(self.seqs, lengths):
+            seq.metrics.prefill_nfe += n > start
 
     def emit_after_prompts(self, hidden: torch.Tensor, lengths: list[int]) -> None:
         """Emit each sequence's first token from (B, P', hidden) states whose row b holds its

@@ -46,9 +46,8 @@ def start(batch: DecodeBatch) -> None:
     if len(batch) != 1:
         raise ValueError("fill-in-the-middle decodes one sequence per batch")
     seq = batch.seqs[0]
-    seq.metrics.prefill_nfe += 1
-    batch.model(torch.tensor([seq.prompt_ids]), None, batch.cache, "causal")
-    batch.cache.advance(len(seq.prompt_ids))
+    tokens, lengths = batch.prompt_tokens()  # (1, P)
+    batch.cache_prompts(tokens, lengths, tokens.shape[1])
     width = seq.params.max_new_tokens
     window = torch.cat([batch.masks(width), torch.tensor([seq.suffix_ids])], dim=1)  # (1, N+S)
     batch.row_state[0] = Gap(window, torch.ones(width, dtype=torch.bool))

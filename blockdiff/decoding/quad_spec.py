@@ -51,28 +51,31 @@ def fused_offsets(L: int) -> torch.Tensor:
 
 
 def start(batch: DecodeBatch) -> None:
-    """Fused prefill: the prompt (causal, cached) and a MASK block after it (bidirectional)."""
+    """Fused prefill: the prompt (causal, cached) and a MASK block after it (bidirectional).
+    A long prompt's head is cached first, in passes of PREFILL_CHUNK (DecodeBatch.cache_prompts);
+    the fused pass takes the rest of it."""
     L, B = batch.block_length, len(batch)
-    lengths = [len(s.prompt_ids) for s in batch.seqs]
-    P = max(lengths)
-    tokens = torch.cat([torch.zeros(B, P, dtype=torch.long), batch.masks(L)], dim=1)  # (B, P+L)
-    positions = torch.zeros(B, P + L, dtype=torch.long)
-    pattern = torch.ones(P + L, P + L, dtype=torch.bool).tril().repeat(B, 1, 1)  # (B, P+L, P+L)
-    for row, seq in enumerate(batch.seqs):
-        n = lengths[row]
-        tokens[row, :n] = torch.tensor(seq.prompt_ids)
-        positions[row, :P] = torch.arange(P)
-        positions[row, P:] = n + torch.arange(L)
-        pattern[row, P:, :] = False
-        pattern[row, P:, :n] = True
-        pattern[row, P:, P:] = True
-        seq.metrics.prefill_nfe += 1
-    gate = torch.zeros(B, P + L, dtype=torch.bool)
-    gate[:, P:] = True
-    hidden = batch.model(tokens, positions, batch.cache, pattern, gate)  # (B, P+L, hidden)
-    batch.cache.advance(lengths)
-    batch.emit_after_prompts(hidden, lengths)
-    _keep_drafts(batch, hidden[:, P + 1:P + L])
+    tokens, lengths = batch.prompt_tokens()  # (B, P)
+    start = batch.prompt_head_end(tokens.shape[1])
+    head = batch.cache_prompts(tokens, lengths, start)  # (B, start, hidden)
+    T = tokens.shape[1] - start  # the prompts' width in the fused pass
+    rest = [max(n - start, 0) for n in lengths]  # each row's prompt tokens in it
+    fused = torch.cat([tokens[:, start:], batch.masks(L)], dim=1)  # (B, T+L)
+    positions = torch.zeros(B, T + L, dtype=torch.long)
+    pattern = torch.ones(T + L, T + L, dtype=torch.bool).tril().repeat(B, 1, 1)  # (B, T+L, T+L)
+    for row, n in enumerate(rest):
+        positions[row, :T] = start + torch.arange(T)
+        positions[row, T:] = lengths[row] + torch.arange(L)
+        pattern[row, T:, :] = False
+        pattern[row, T:, :n] = True
+        pattern[row, T:, T:] = True
+    batch.count_prefill(lengths, start)
+    gate = torch.zeros(B, T + L, dtype=torch.bool)
+    gate[:, T:] = True
+    hidden = batch.model(fused, positions, batch.cache, pattern, gate)  # (B, T+L, hidden)
+    batch.cache.advance(rest)
+    batch.emit_after_prompts(torch.cat([head, hidden], dim=1), lengths)
+    _keep_drafts(batch, hidden[:, T + 1:T + L])
 
 
 def _keep_drafts(batch: DecodeBatch, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
