@@ -27,7 +27,7 @@ EventHook = Callable[[str, dict], None]
 
 # The widest prefill pass: longer prompts are cached PREFILL_CHUNK tokens at a time
 # (`DecodeBatch.cache_prompts`), which bounds a pass's attention scores by the span.
-PREFILL_CHUNK = 256
+PREFILL_CHUNK = 128
 
 
 class StepObserver(Protocol):
