@@ -219,6 +219,7 @@ def test_generate_hands_every_sequences_step_events_to_on_event(tmp_path):
 def test_prompts_of_very_different_lengths_are_prefilled_apart_with_the_same_tokens(monkeypatch):
     """Right-padding a long prompt's batch-mates to its length would multiply the prefill's
     work: newcomers are prefilled in batches of similar lengths, and decode as they would alone."""
+    from blockdiff.decoding import batch as batching
     from blockdiff.engine import scheduler as scheduling
 
     model = tiny_model(6, vocab=24)
@@ -230,12 +231,14 @@ def test_prompts_of_very_different_lengths_are_prefilled_apart_with_the_same_tok
     requests = requests_for(prompts, mode="ar")
     for request in requests:
         scheduler.add(request)
-    scheduler.step()  # admits every request: their prefills, then one decode step
-    prefills = widths[:-1]
-    assert sorted(prefills) == [(2, 190), (3, 4)]  # the short three together, the two long ones together
+    list(scheduler.drain())
+    prefills = [(b, t) for b, t in widths if t > 1]  # ar's decode steps are one token wide
+    assert prefills[0] == (3, 4)  # the short three together, first
+    long_passes = [t for b, t in prefills[1:] if b == 2]  # then the two long ones together
+    assert len(long_passes) == len(prefills) - 1 and sum(long_passes) == 190
+    assert max(long_passes) <= batching.PREFILL_CHUNK
     padding = sum(b * t for b, t in prefills) - sum(map(len, prompts))
     assert padding <= scheduling.PREFILL_PADDING * sum(map(len, prompts))
-    list(scheduler.drain())
     for prompt, request in zip(prompts, requests):
         alone = run(model, [prompt], eos=6, **vars(request.seq.params))[0]
         assert request.seq.output_ids == alone.output_ids
@@ -252,3 +255,53 @@ def test_prefill_chunks_keep_small_paddings_together():
     mixed = requests_for([[1] * n for n in (100, 10, 110, 12, 400)])
     assert lengths(prefill_chunks(mixed)) == [[10, 12], [100, 110], [400]]
     assert lengths(prefill_chunks([])) == []
+
+
+def test_a_long_prefill_takes_one_pass_a_step_while_others_decode(monkeypatch):
+    """A prompt longer than PREFILL_CHUNK is cached a pass per step while another sequence
+    decodes, which gets its token every step meanwhile; alone, it is prefilled in one step.
+    Either way its tokens are the ones it gets decoded alone."""
+    from blockdiff.decoding import batch as batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 4)
+    model = tiny_model(6, vocab=24)
+    long_prompt = list(range(1, 22))  # 21 tokens: 5 passes ahead, the decoder's last with the fifth
+    scheduler = Scheduler(model, max_running=4)
+    short, late = requests_for([[1, 2, 3], long_prompt], mode="ar", max_new_tokens=20, ignore_eos=True)
+    scheduler.add(short)
+    scheduler.step()
+    scheduler.add(late)
+    steps_to_first_token = 0
+    while not late.seq.output_ids:
+        before = len(short.seq.output_ids)
+        scheduler.step()
+        steps_to_first_token += 1
+        assert len(short.seq.output_ids) == before + 1  # one token every step meanwhile
+    assert steps_to_first_token == 5
+    list(scheduler.drain())
+    for request, prompt in ((short, [1, 2, 3]), (late, long_prompt)):
+        assert request.seq.output_ids == run(model, [prompt], eos=6, **vars(request.seq.params))[0].output_ids
+
+    alone = Scheduler(model, max_running=4)
+    (first,) = requests_for([long_prompt], mode="ar", max_new_tokens=20, ignore_eos=True)
+    alone.add(first)
+    alone.step()
+    assert len(first.seq.output_ids) == 2  # prefill, first token and one decode step in one step
+
+
+def test_a_request_aborted_while_its_prompt_is_being_cached_ends_there(monkeypatch):
+    from blockdiff.decoding import batch as batching
+
+    monkeypatch.setattr(batching, "PREFILL_CHUNK", 4)
+    model = tiny_model(6, vocab=24)
+    scheduler = Scheduler(model, max_running=4)
+    short, late = requests_for([[1, 2, 3], list(range(1, 22))], mode="ar", max_new_tokens=20, ignore_eos=True)
+    scheduler.add(short)
+    scheduler.step()
+    scheduler.add(late)
+    scheduler.step()
+    assert scheduler.num_running == 2 and late.seq.output_ids == []  # admitted, still prefilling
+    late.aborted = True
+    progress = scheduler.step()
+    assert (late, "abort") in [(r, u.finish_reason) for r, u in progress]
+    assert scheduler.num_running == 1 and not scheduler.prefilling

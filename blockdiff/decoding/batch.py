@@ -49,6 +49,8 @@ class DecodeBatch:
                              static=model.step_graphs is not None)
         self.observer = observer
         self.row_state: list = [None] * len(self.seqs)  # the decoder's own state of each row (quad_spec's draft, infill's gap)
+        self.prefilled = 0  # prompt slots cached so far (cache_prompts, prefill_ahead)
+        self._states_ahead: torch.Tensor | None = None  # (B, prefilled, hidden) from prefill_ahead
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -201,19 +203,36 @@ class DecodeBatch:
     def cache_prompts(self, tokens: torch.Tensor, lengths: list[int], end: int) -> torch.Tensor:
         """Cache the first `end` slots of the (B, P) right-padded prompts (each row's tokens
         among them), in causal passes of at most PREFILL_CHUNK tokens; -> their (B, end, hidden)
-        states. `prompt_head_end` is where a caller that passes the rest itself stops.
+        states. `prompt_head_end` is where a caller that passes the rest itself stops. Slots
+        `prefill_ahead` cached already are not run again.
 
         One pass over a long prompt materialises attention scores of its length squared; in
         passes of PREFILL_CHUNK each is at most that by the span, and a row's keys land in the
         slots one pass would have put them in, so its states are the same (model/attention.py)."""
+        states = self._prompt_passes(tokens, lengths, end)  # (B, end, hidden)
+        self._states_ahead = None
+        return states
+
+    def prefill_ahead(self) -> bool:
+        """Cache the next PREFILL_CHUNK slots of the prompts' head (all but their last pass),
+        so that a scheduler can spread a long prefill over its steps; whether the head is
+        cached. The decoder's `start` then runs the rest."""
+        tokens, lengths = self.prompt_tokens()  # (B, P)
+        head = self.prompt_head_end(tokens.shape[1])
+        self._states_ahead = self._prompt_passes(tokens, lengths, min(self.prefilled + PREFILL_CHUNK, head))
+        return self.prefilled >= head
+
+    def _prompt_passes(self, tokens: torch.Tensor, lengths: list[int], end: int) -> torch.Tensor:
+        """`cache_prompts`' passes from `prefilled` to `end`; -> the states of slots [0, end)."""
         hidden = [torch.empty(len(self.seqs), 0, self.model.config.hidden_size, dtype=self.model.dtype,
-                              device=self.model.device)]  # (B, 0, hidden)
-        for lo in range(0, end, PREFILL_CHUNK):
+                              device=self.model.device) if self._states_ahead is None else self._states_ahead]
+        for lo in range(self.prefilled, end, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, end)
             hidden.append(self.model(tokens[:, lo:hi], None, self.cache, "causal"))  # (B, hi - lo, hidden)
             self.count_prefill(lengths, lo)
             self.cache.advance([min(max(n - lo, 0), hi - lo) for n in lengths])
-        return torch.cat(hidden, dim=1)
+            self.prefilled = hi
+        return torch.cat(hidden, dim=1)  # (B, end, hidden)
 
     @staticmethod
     def prompt_head_end(width: int) -> int:

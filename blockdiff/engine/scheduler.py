@@ -4,7 +4,8 @@
 all groups), prefills the newcomers of each (mode, block_length) group as a batch of their own
 (several where their prompt lengths differ widely: `prefill_chunks`) and merges them into that
 group's running DecodeBatch, then runs one decode step of every group in the order the groups
-started, and returns an Update for each request that made progress.
+started, and returns an Update for each request that made progress. A prompt longer than
+PREFILL_CHUNK is cached a pass per step while other sequences decode (`_prefill`).
 Groups in different modes share the step, not a forward. Every row keeps its own cache length,
 generator and draft state, so a sequence's tokens do not depend on who shares its batch.
 
@@ -105,6 +106,7 @@ class Scheduler:
         self.spec_limits = spec_limits or {}  # spec mode -> sequences running at which its groups take AR steps
         self.waiting: deque[Request] = deque()
         self.groups: dict[tuple, Group] = {}  # in the order they started
+        self.prefilling: deque[tuple[tuple, Group]] = deque()  # admitted, prompts being cached (`_prefill`)
         self.router = StepRouter()  # step events to the requests that asked (Request.on_step)
         self.progress: Progress = []  # the updates of the step being taken
 
@@ -114,20 +116,23 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return sum(len(g.requests) for g in list(self.groups.values()))
+        groups = [*self.groups.values(), *(group for _, group in self.prefilling)]
+        return sum(len(g.requests) for g in groups)
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.groups)
+        return bool(self.waiting or self.groups or self.prefilling)
 
     @torch.inference_mode()
     def step(self) -> Progress:
-        """Free the slots of aborted requests, admit what fits, take one decode step of every
-        group; the updates it made, in order."""
+        """Free the slots of aborted requests, admit what fits, prefill (a pass of each long
+        prompt batch while others decode), take one decode step of every group; the updates it
+        made, in order."""
         self._drop_aborted()
         self._admit(self._take_newcomers())
+        self._prefill()
         self._step_groups()
         return self._take_progress()
 
@@ -140,9 +145,10 @@ class Scheduler:
         """End every waiting and running request with an error update (the engine is stopping)."""
         pending = list(self.waiting)
         self.waiting.clear()
-        for group in self.groups.values():
+        for group in [*self.groups.values(), *(group for _, group in self.prefilling)]:
             pending.extend(group.requests)
         self.groups.clear()
+        self.prefilling.clear()
         for request in pending:
             self._report(request, error=message)
         return self._take_progress()
@@ -161,6 +167,13 @@ class Scheduler:
             self._settle(group)
             if not group.requests:
                 del self.groups[key]
+        for entry in list(self.prefilling):  # a batch being prefilled goes once all of it is aborted
+            group = entry[1]
+            if all(r.aborted for r in group.requests):
+                self.prefilling.remove(entry)
+                for request in group.requests:
+                    group.batch.abort(request.seq)
+                    self._report(request)
 
     def _take_newcomers(self) -> list[Request]:
         room = self.max_running - self.num_running
@@ -188,15 +201,34 @@ class Scheduler:
             by_group.setdefault(request.group, []).append(request)
         for key, requests in by_group.items():
             for chunk in prefill_chunks(requests):
-                self._join(key, chunk)
+                self.prefilling.append((key, self._new_group(chunk)))
 
-    def _join(self, key: tuple, requests: list[Request]) -> None:
-        """Prefill newcomers of one group as a batch and merge them into the group's running batch."""
-        try:
-            group = self._start_group(requests)
-        except Exception as e:
-            self._fail(requests, "prefill failed", e)
-            return
+    def _prefill(self) -> None:
+        """Prefill the admitted batches in order. A prompt longer than PREFILL_CHUNK is cached a
+        pass at a time (DecodeBatch.prefill_ahead), one pass a step while other sequences
+        decode, so their next token waits for a pass and not for a whole prompt (vLLM's chunked
+        prefill), and all at once when none do. A batch whose prompts are cached starts (its
+        decoder's last prefill pass, and first tokens) and joins its group."""
+        for entry in list(self.prefilling):
+            key, group = entry
+            while True:
+                try:
+                    ready = group.batch.prefill_ahead()
+                    if ready:
+                        group.decoder.start(group.batch)
+                except Exception as e:
+                    self.prefilling.remove(entry)
+                    self._fail(group.requests, "prefill failed", e)
+                    break
+                if ready:
+                    self.prefilling.remove(entry)
+                    self._join(key, group)
+                    break
+                if self.groups:
+                    break
+
+    def _join(self, key: tuple, group: Group) -> None:
+        """Merge a started batch into its group's running batch (or make it the group's)."""
         self._settle(group)
         if not group.requests:
             return
@@ -207,12 +239,11 @@ class Scheduler:
             running.batch.merge(group.batch)
             running.requests.extend(group.requests)
 
-    def _start_group(self, requests: list[Request]) -> Group:
+    def _new_group(self, requests: list[Request]) -> Group:
         seqs = [r.seq for r in requests]
         decoder = decoder_for(seqs[0])
         self.router.add(requests)
         batch = DecodeBatch(self.model, seqs, max(decoder.extra_slots(s) for s in seqs), self.router)
-        decoder.start(batch)
         return Group(batch, decoder, requests)
 
     def _step_groups(self) -> None:
