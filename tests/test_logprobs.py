@@ -48,7 +48,11 @@ def test_every_lossless_mode_reports_the_same_numbers(temperature):
             assert len(s.logprobs) == len(s.output_ids)
 
 
-def test_prompt_logprobs_and_scoring_without_generating():
+@pytest.mark.parametrize("score_rows", [128, 2])  # 2: a prompt scored a few slots at a time
+def test_prompt_logprobs_and_scoring_without_generating(monkeypatch, score_rows):
+    from blockdiff.decoding import batch as batching
+
+    monkeypatch.setattr(batching, "PROMPT_SCORE_ROWS", score_rows)
     model = tiny_model(5, vocab=24)
     prompt = [1, 5, 9, 2, 7, 7, 3]
     full = causal_logprobs(model, prompt)
@@ -59,6 +63,7 @@ def test_prompt_logprobs_and_scoring_without_generating():
             assert lp.token_id == prompt[i]
             assert lp.logprob == pytest.approx(float(full[i - 1, prompt[i]]), abs=1e-4)
             assert lp.top[0][0] == int(full[i - 1].argmax())
+        assert len(seq.prompt_logprobs) == len(prompt)
         assert len(seq.output_ids) == max_new and seq.finish_reason == "length"
         assert seq.logprobs == []  # logprobs of outputs were not asked for
 

@@ -28,6 +28,9 @@ EventHook = Callable[[str, dict], None]
 # The widest prefill pass: longer prompts are cached PREFILL_CHUNK tokens at a time
 # (`DecodeBatch.cache_prompts`), which bounds a pass's attention scores by the span.
 PREFILL_CHUNK = 128
+# prompt logprobs are scored this many slots at a time: a long prompt's (P-1, V) float32
+# logits would take hundreds of MB at once
+PROMPT_SCORE_ROWS = 128
 
 
 class StepObserver(Protocol):
@@ -249,9 +252,12 @@ class DecodeBatch:
         prompt in the first lengths[b] slots; score the prompts that asked for it."""
         for row, seq in enumerate(self.seqs):
             k = seq.params.prompt_logprobs
-            if k is not None:
-                prompt_logits = self.model.logits(hidden[row, :lengths[row] - 1])  # (P-1, V): slot i predicts i+1
-                seq.prompt_logprobs = [None] + score(prompt_logits, seq.prompt_ids[1:], k)
+            if k is not None:  # slot i predicts i+1
+                seq.prompt_logprobs = [None]
+                for lo in range(0, lengths[row] - 1, PROMPT_SCORE_ROWS):
+                    hi = min(lo + PROMPT_SCORE_ROWS, lengths[row] - 1)
+                    prompt_logits = self.model.logits(hidden[row, lo:hi])  # (hi - lo, V)
+                    seq.prompt_logprobs += score(prompt_logits, seq.prompt_ids[lo + 1:hi + 1], k)
         last = hidden[torch.arange(len(self.seqs)), torch.tensor(lengths) - 1]  # (B, hidden)
         logits = self.model.logits(last)  # (B, V)
         for row, token in enumerate(self.next_tokens(logits)):
