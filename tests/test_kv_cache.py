@@ -87,3 +87,30 @@ def test_overflow_is_an_error(model):
     model(torch.zeros(1, KEY_CHUNK, dtype=torch.long), cache=cache)
     with pytest.raises(RuntimeError, match="overflow"):
         model(torch.zeros(1, KEY_CHUNK + 1, dtype=torch.long), cache=cache)
+
+
+def test_compacting_order_fills_dropped_rows_from_the_tail():
+    from blockdiff.model.kv_cache import compacting_order
+    assert compacting_order([True, False, True, True, False, True]) == [0, 5, 2, 3]
+    assert compacting_order([True, True, False]) == [0, 1]  # the tail dropped: nothing moves
+    assert compacting_order([False, False, True]) == [2]
+    assert compacting_order([False, False]) == []
+
+
+@pytest.mark.parametrize("rows", [[0, 5, 2, 3], [0, 1, 2], [4], [3, 1, 0], [1, 0, 2]])
+def test_keep_rows_keeps_each_rows_entries_and_copies_only_moved_rows(model, rows):
+    """keep_rows(rows) holds exactly what index_select would; an order that reads no row after
+    overwriting it is done in place, in the same tensors ([3, 1, 0] and [1, 0, 2] are not)."""
+    cache = new_cache(model, batch=6)
+    for tensor in (cache.k, cache.v):
+        tensor.copy_(torch.randn(tensor.shape))
+    cache.lengths = torch.arange(6) + 1
+    expected_k, expected_v = cache.k.index_select(1, torch.tensor(rows)), cache.v.index_select(1, torch.tensor(rows))
+    storage = cache.k.untyped_storage().data_ptr()
+    cache.keep_rows(rows)
+    assert torch.equal(cache.k, expected_k) and torch.equal(cache.v, expected_v)
+    assert cache.lengths.tolist() == [row + 1 for row in rows]
+    moves = {new: old for new, old in enumerate(rows) if new != old}
+    in_place = moves.keys().isdisjoint(moves.values())
+    assert (cache.k.untyped_storage().data_ptr() == storage) == in_place
+    assert in_place == (rows not in ([3, 1, 0], [1, 0, 2]))

@@ -11,7 +11,7 @@ from blockdiff.decoding.logprobs import score
 from blockdiff.decoding.sampler import Picks, pick
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.model.attention_mask import Pattern
-from blockdiff.model.kv_cache import KVCache
+from blockdiff.model.kv_cache import KVCache, compacting_order
 from blockdiff.model.transformer import Transformer
 
 # The decoders' step events, for playgrounds and streams. Every payload is about one row:
@@ -168,7 +168,7 @@ class DecodeBatch:
         """Drop finished sequences from the batch, their rows' state and the cache."""
         done = [s for s in self.seqs if s.finished]
         if done:
-            keep = [i for i, s in enumerate(self.seqs) if not s.finished]
+            keep = compacting_order([not s.finished for s in self.seqs])  # rows move: they carry their state
             self.seqs = [self.seqs[i] for i in keep]
             self.row_state = [self.row_state[i] for i in keep]
             if keep:

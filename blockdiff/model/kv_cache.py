@@ -98,10 +98,20 @@ class KVCache:
         self._sync_device_lengths()
 
     def keep_rows(self, rows: list[int]) -> None:
-        """Drop finished sequences so later forwards skip them."""
+        """Keep these rows, in this order, and drop the others (finished sequences), so that
+        later forwards skip them. When no kept row is overwritten before it is read (as
+        `compacting_order` arranges), the moved rows are copied in place and the cache keeps
+        its tensors' first len(rows) rows: a retirement copies the rows it moves, not the cache."""
+        moves = {new: old for new, old in enumerate(rows) if new != old}
         index = torch.as_tensor(rows, dtype=torch.long)
-        self.k = self.k.index_select(1, index.to(self.k.device))
-        self.v = self.v.index_select(1, index.to(self.v.device))
+        if moves.keys().isdisjoint(moves.values()):
+            for new, old in moves.items():
+                self.k[:, new] = self.k[:, old]
+                self.v[:, new] = self.v[:, old]
+            self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
+        else:
+            self.k = self.k.index_select(1, index.to(self.k.device))
+            self.v = self.v.index_select(1, index.to(self.v.device))
         self.lengths = self.lengths.index_select(0, index)
         self._sync_device_lengths(resized=True)
 
@@ -127,6 +137,19 @@ class KVCache:
             self.device_lengths = self.lengths.to(self.k.device)
         else:
             self.device_lengths.copy_(self.lengths)
+
+
+def compacting_order(keep: list[bool]) -> list[int]:
+    """The rows to keep (keep[i] for row i), ordered for `KVCache.keep_rows` to copy the fewest:
+    a kept row among the first sum(keep) stays where it is, and each kept row past them fills
+    a dropped row's place."""
+    n = sum(keep)
+    order = list(range(n))
+    holes = [row for row in range(n) if not keep[row]]
+    movers = [row for row in range(n, len(keep)) if keep[row]]
+    for hole, mover in zip(holes, movers):
+        order[hole] = mover
+    return order
 
 
 def _pad_slots(x: torch.Tensor, capacity: int) -> torch.Tensor:
