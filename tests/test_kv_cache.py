@@ -114,3 +114,39 @@ def test_keep_rows_keeps_each_rows_entries_and_copies_only_moved_rows(model, row
     in_place = moves.keys().isdisjoint(moves.values())
     assert (cache.k.untyped_storage().data_ptr() == storage) == in_place
     assert in_place == (rows not in ([3, 1, 0], [1, 0, 2]))
+
+
+def filled_cache(model, batch, capacity, seed):
+    cache = KVCache(model.config, batch, capacity)
+    generator = torch.Generator().manual_seed(seed)
+    for tensor in (cache.k, cache.v):
+        tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    cache.lengths = torch.arange(batch) + seed
+    return cache
+
+
+@pytest.mark.parametrize("newcomer_capacity", [KEY_CHUNK, 3 * KEY_CHUNK])
+def test_merge_appends_rows_in_place_where_there_is_room(model, newcomer_capacity):
+    """Merged rows hold what concatenating the zero-padded caches gives; after a retirement
+    freed a row, a newcomer no larger goes into it in place, a larger one regrows the tensors."""
+    cache = filled_cache(model, 4, 2 * KEY_CHUNK, seed=0)
+    cache.keep_rows([0, 1, 3])  # frees a row
+    newcomer = filled_cache(model, 1, newcomer_capacity, seed=7)
+    capacity = max(cache.capacity, newcomer.capacity)
+    expected = [torch.cat([torch.nn.functional.pad(a, (0, 0, 0, capacity - a.shape[3])) for a in pair], dim=1)
+                for pair in ((cache.k, newcomer.k), (cache.v, newcomer.v))]
+    storage = cache.k.untyped_storage().data_ptr()
+    cache.merge(newcomer)
+    assert torch.equal(cache.k, expected[0]) and torch.equal(cache.v, expected[1])
+    assert cache.lengths.tolist() == [0, 1, 3, 7] and cache.capacity == capacity
+    assert (cache.k.untyped_storage().data_ptr() == storage) == (newcomer_capacity <= 2 * KEY_CHUNK)
+
+
+def test_admitting_one_row_at_a_time_regrows_now_and_then(model):
+    cache = filled_cache(model, 8, KEY_CHUNK, seed=0)
+    storages = set()
+    for seed in range(1, 25):
+        cache.merge(filled_cache(model, 1, KEY_CHUNK, seed))
+        storages.add(cache.k.untyped_storage().data_ptr())
+    assert cache.batch == 32 and len(storages) <= 4  # room for 13, 20, 31, then 47 rows
+    assert cache.lengths.tolist() == list(range(8)) + list(range(1, 25))

@@ -36,6 +36,8 @@ class KVCache:
         # Zeros, not empty: masked slots still enter the attention matmul and must be finite.
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # the tensors k and v are the first `batch` rows of: rows past them are room for newcomers
+        self._rows_k, self._rows_v = self.k, self.v
         self.lengths = torch.zeros(batch, dtype=torch.long)  # valid entries per row (CPU)
         self.capacity = capacity
         self._slots: torch.Tensor | None = None  # (B, T) where this forward's tokens go
@@ -108,10 +110,10 @@ class KVCache:
             for new, old in moves.items():
                 self.k[:, new] = self.k[:, old]
                 self.v[:, new] = self.v[:, old]
-            self.k, self.v = self.k[:, :len(rows)], self.v[:, :len(rows)]
+            self.k, self.v = self._rows_k[:, :len(rows)], self._rows_v[:, :len(rows)]
         else:
-            self.k = self.k.index_select(1, index.to(self.k.device))
-            self.v = self.v.index_select(1, index.to(self.v.device))
+            self.k = self._rows_k = self.k.index_select(1, index.to(self.k.device))
+            self.v = self._rows_v = self.v.index_select(1, index.to(self.v.device))
         self.lengths = self.lengths.index_select(0, index)
         self._sync_device_lengths(resized=True)
 
@@ -119,11 +121,18 @@ class KVCache:
         """Append `other`'s rows below this cache's (continuous batching admits newcomers this way).
 
         The merged capacity is the larger of the two; the shorter cache is zero-padded, which
-        is safe because slots past a row's valid length are never attended to.
+        is safe because slots past a row's valid length are never attended to. The rows go in
+        place where this cache's tensors have room (rows retired before, or grown for), so an
+        admission copies its own rows; otherwise this cache moves to tensors with half as
+        many rows again to spare.
         """
-        capacity = max(self.capacity, other.capacity)
-        self.k = torch.cat([_pad_slots(self.k, capacity), _pad_slots(other.k.to(self.k.device), capacity)], dim=1)
-        self.v = torch.cat([_pad_slots(self.v, capacity), _pad_slots(other.v.to(self.v.device), capacity)], dim=1)
+        rows, capacity = self.batch + other.batch, max(self.capacity, other.capacity)
+        if capacity > self.capacity or rows > self._rows_k.shape[1]:
+            spare = rows + self.batch // 2
+            self._rows_k, self._rows_v = _regrown(self.k, spare, capacity), _regrown(self.v, spare, capacity)
+        self._rows_k[:, self.batch:rows] = _pad_slots(other.k.to(self.k.device), capacity)
+        self._rows_v[:, self.batch:rows] = _pad_slots(other.v.to(self.v.device), capacity)
+        self.k, self.v = self._rows_k[:, :rows], self._rows_v[:, :rows]
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.capacity = capacity
         self._sync_device_lengths(resized=True)
@@ -150,6 +159,17 @@ def compacting_order(keep: list[bool]) -> list[int]:
     for hole, mover in zip(holes, movers):
         order[hole] = mover
     return order
+
+
+def _regrown(x: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:
+    """(layers, B, Hkv, C, D) -> (layers, rows, Hkv, capacity, D) holding x in its first B rows
+    and zeros in the slots past C; the rows past B are left unwritten (a row is written whole
+    before it is used)."""
+    layers, batch, heads, slots, dim = x.shape
+    out = x.new_empty(layers, rows, heads, capacity, dim)
+    out[:, :batch, :, :slots] = x
+    out[:, :batch, :, slots:] = 0
+    return out
 
 
 def _pad_slots(x: torch.Tensor, capacity: int) -> torch.Tensor:
