@@ -116,8 +116,11 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        groups = [*self.groups.values(), *(group for _, group in self.prefilling)]
-        return sum(len(g.requests) for g in groups)
+        return sum(len(g.requests) for g in self._admitted())
+
+    def _admitted(self) -> list[Group]:
+        """Every group holding slots: the decoding ones, then those still being prefilled."""
+        return [*self.groups.values(), *(group for _, group in self.prefilling)]
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -145,7 +148,7 @@ class Scheduler:
         """End every waiting and running request with an error update (the engine is stopping)."""
         pending = list(self.waiting)
         self.waiting.clear()
-        for group in [*self.groups.values(), *(group for _, group in self.prefilling)]:
+        for group in self._admitted():
             pending.extend(group.requests)
         self.groups.clear()
         self.prefilling.clear()
@@ -211,21 +214,19 @@ class Scheduler:
         decoder's last prefill pass, and first tokens) and joins its group."""
         for entry in list(self.prefilling):
             key, group = entry
-            while True:
-                try:
+            try:
+                ready = group.batch.prefill_ahead()
+                while not ready and not self.groups:
                     ready = group.batch.prefill_ahead()
-                    if ready:
-                        group.decoder.start(group.batch)
-                except Exception as e:
-                    self.prefilling.remove(entry)
-                    self._fail(group.requests, "prefill failed", e)
-                    break
                 if ready:
-                    self.prefilling.remove(entry)
-                    self._join(key, group)
-                    break
-                if self.groups:
-                    break
+                    group.decoder.start(group.batch)
+            except Exception as e:
+                self.prefilling.remove(entry)
+                self._fail(group.requests, "prefill failed", e)
+                continue
+            if ready:
+                self.prefilling.remove(entry)
+                self._join(key, group)
 
     def _join(self, key: tuple, group: Group) -> None:
         """Merge a started batch into its group's running batch (or make it the group's)."""
