@@ -24,7 +24,8 @@ def test_greedy_generation_matches_transformers(default_llm, hf_model):
         assert ours.token_ids == theirs
 
 
-@pytest.mark.parametrize("mode,block", [("linear_spec", 32), ("linear_spec", 5), ("quad_spec", 8)])
+# L=32 in the default dtype: tests/test_width_invariance.py
+@pytest.mark.parametrize("mode,block", [("linear_spec", 5), ("quad_spec", 8)])
 def test_spec_modes_are_lossless_on_the_default_model(default_llm, mode, block):
     params = dict(max_new_tokens=40, temperature=0.0)
     ar = default_llm.generate(PROMPTS, SamplingParams(mode="ar", **params), use_tqdm=False)

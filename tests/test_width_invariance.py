@@ -119,6 +119,8 @@ def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
     same log-probabilities, bit for bit."""
     if native_llm.model.quantization == "int4":
         pytest.skip("int4's kernel slows wide forwards; tests/test_quantize.py decodes int4 end to end")
+    if native_llm.model.quantization == "fp16" and block == 32:
+        pytest.skip("fp16's padded widths are all in L=8's 8-token and quad_spec's 20-token passes")
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",
                "List three prime numbers:"]
     params = dict(max_new_tokens=24, temperature=0.0, ignore_eos=True, logprobs=2)
