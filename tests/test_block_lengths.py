@@ -5,8 +5,8 @@ import pytest
 from blockdiff.bench.results import Result, acceptance_profile
 from blockdiff.bench.settings import RunConfig
 from blockdiff.engine.block_lengths import (MAX_QUAD_BLOCK_LENGTH, NOISE, SPEC_MODES, AcceptanceProfile, batch_ladder,
-                                            candidate_lengths, choose_block_lengths, load_profile, save_profile,
-                                            speculation_limits)
+                                            best_rate, candidate_lengths, choose_block_lengths, load_profile,
+                                            save_profile, sequence_rate, speculation_limits)
 from blockdiff.engine.llm import LLM
 from blockdiff.errors import CheckpointError
 from blockdiff.model.adapter import save_adapter
@@ -19,7 +19,7 @@ PROFILE = AcceptanceProfile({"linear_spec": [0.8, 0.4, 0.2, 0.1, 0.05], "quad_sp
 def flat_until(knee: int):
     """A forward that costs the same up to `knee` tokens, then grows with the width (an AVX2 CPU
     with fp16 weights, roughly)."""
-    return lambda width: max(1.0, width / knee)
+    return lambda width, batch=1, drafting=False: max(1.0, width / knee)
 
 
 def brute_force(profile, seconds, mode, widths_of):
@@ -51,7 +51,7 @@ def test_the_scan_stops_early_only_where_no_longer_block_can_win(profile, cost):
     seconds = {"flat": lambda w: 1.0, "linear": lambda w: float(w), "steps of 6": lambda w: float(-(-w // 6)),
                "knee 12": flat_until(12)}[cost]
     timed = []
-    chosen, estimates = choose_block_lengths(profile, lambda w: timed.append(w) or seconds(w))
+    chosen, estimates = choose_block_lengths(profile, lambda w, batch=1, drafting=False: timed.append(w) or seconds(w))
     for mode, widths_of in (("linear_spec", lambda L: [L, L]), ("quad_spec", lambda L: [L + L * L])):
         assert chosen[mode] == brute_force(profile, seconds, mode, widths_of)
     if cost == "flat":
@@ -62,22 +62,22 @@ def test_the_scan_stops_early_only_where_no_longer_block_can_win(profile, cost):
 
 def test_choice_follows_the_machine():
     """Where width is free the longest measured block wins; where it costs, a short one."""
-    free, _ = choose_block_lengths(PROFILE, lambda width: 1.0)
+    free, _ = choose_block_lengths(PROFILE, lambda width, batch=1, drafting=False: 1.0)
     assert free == {"linear_spec": 5, "quad_spec": 4}  # slot 5 adds 0.05 tokens to 2.5: within the noise
-    costly, _ = choose_block_lengths(PROFILE, lambda width: float(width))
+    costly, _ = choose_block_lengths(PROFILE, lambda width, batch=1, drafting=False: float(width))
     assert costly == {"linear_spec": 2, "quad_spec": 2}
     knee, _ = choose_block_lengths(PROFILE, flat_until(6))
     assert knee == {"linear_spec": 5, "quad_spec": 2}
     # a slot that adds less than the timing noise does not lengthen the block
     flat_tail = AcceptanceProfile({"linear_spec": [0.8, 0.4, 0.01, 0.01]})
-    assert choose_block_lengths(flat_tail, lambda width: 1.0)[0] == {"linear_spec": 3}
+    assert choose_block_lengths(flat_tail, lambda width, batch=1, drafting=False: 1.0)[0] == {"linear_spec": 3}
 
 
 def test_candidates_stop_where_the_profile_does():
     deep = AcceptanceProfile({"quad_spec": [0.9] * 20})
     assert candidate_lengths(deep, "quad_spec")[-1] == MAX_QUAD_BLOCK_LENGTH
     assert candidate_lengths(deep, "linear_spec") == []
-    chosen, estimates = choose_block_lengths(deep, lambda width: 1.0)
+    chosen, estimates = choose_block_lengths(deep, lambda width, batch=1, drafting=False: 1.0)
     assert "linear_spec" not in chosen and "linear_spec" not in estimates
 
 
@@ -87,16 +87,50 @@ def test_batch_ladder_doubles_up_to_the_largest_batch():
     assert batch_ladder(1) == []
 
 
+def test_best_rate_is_the_fastest_candidate_at_its_length():
+    """ar commits a token per one-token forward; linear_spec L3 2.2 tokens per two 3-token
+    forwards; quad_spec L2 1.5 per 6-token forward. A mode the profile lacks counts as ar."""
+    lengths = {"ar": 32, "linear_spec": 3, "quad_spec": 2}
+    seconds = lambda width, batch=1, drafting=False: {1: 1.0, 3: 0.5, 6: 1.2}[width]  # noqa: E731 (an odd machine, on purpose)
+    assert sequence_rate(PROFILE, "linear_spec", 3, seconds) == pytest.approx(2.2)
+    assert best_rate(PROFILE, lengths, ("ar", "linear_spec", "quad_spec"), seconds) == pytest.approx(2.2)
+    assert best_rate(PROFILE, lengths, ("ar", "quad_spec"), seconds) == pytest.approx(1.25)
+    assert best_rate(None, lengths, ("ar", "linear_spec"), seconds) == 1.0
+    linear_only = AcceptanceProfile({"linear_spec": PROFILE.rates["linear_spec"]})
+    assert best_rate(linear_only, lengths, ("quad_spec",), seconds) == 1.0
+    assert PROFILE.most_tokens_per_step() == pytest.approx(2.55)
+    # draft passes run the adapter and are timed with it: linear_spec's draft, quad_spec's only pass
+    drafting_dearer = lambda width, batch=1, drafting=False: 1.0 + drafting  # noqa: E731
+    assert sequence_rate(PROFILE, "linear_spec", 3, drafting_dearer) == pytest.approx(2.2 / 3)
+    assert sequence_rate(PROFILE, "quad_spec", 2, drafting_dearer) == pytest.approx(1.5 / 2)
+
+
+def test_auto_quantization_weighs_the_spec_modes_at_the_lengths_it_would_choose(tiny_with_profile):
+    """Each format's expected rate is the best of auto's modes at that format's own block
+    lengths; the model keeps the winner, and its lengths are chosen from the winner's timings."""
+    model_dir, adapter = tiny_with_profile
+    llm = LLM(model_dir, dtype="float32", adapter=adapter, quantization="auto")
+    rates = llm.quantization_rates
+    assert set(rates) == {"none", "int4", "fp16"} and llm.model.quantization == max(rates, key=rates.get)
+    estimates = llm.block_length_estimates
+    chosen_spec = max(estimates[m][llm.block_lengths[m]] for m in ("linear_spec", "quad_spec"))
+    assert rates[llm.model.quantization] >= chosen_spec  # ar may be faster still
+    ar = llm.generate([5, 9, 14], SamplingParams(max_new_tokens=16, ignore_eos=True), use_tqdm=False)[0]
+    spec = llm.generate([5, 9, 14], SamplingParams(mode="quad_spec", max_new_tokens=16, ignore_eos=True),
+                        use_tqdm=False)[0]
+    assert spec.token_ids == ar.token_ids
+
+
 def test_speculation_stops_where_the_batch_uses_up_the_spare_compute():
     """With forwards flat up to 16 tokens in all, linear_spec L3 (two 3-token passes, 2.2
     tokens a step) still wins at 4 rows (12 tokens a pass) and loses at 8 (24), quad_spec L2
     (one 6-token pass, 1.5 tokens a step) loses at 4 rows already."""
     lengths = {"linear_spec": 3, "quad_spec": 2}
-    knee = lambda width, batch=1: max(1.0, width * batch / 16)  # noqa: E731
+    knee = lambda width, batch=1, drafting=False: max(1.0, width * batch / 16)  # noqa: E731
     assert speculation_limits(PROFILE, lengths, knee, max_batch=64) == {"linear_spec": 8, "quad_spec": 4}
     assert speculation_limits(PROFILE, lengths, knee, max_batch=4) == {"quad_spec": 4}
-    assert speculation_limits(PROFILE, lengths, lambda width, batch=1: 1.0, max_batch=64) == {}  # width is free
-    costly = lambda width, batch=1: float(width * batch)  # noqa: E731
+    assert speculation_limits(PROFILE, lengths, lambda width, batch=1, drafting=False: 1.0, max_batch=64) == {}  # width is free
+    costly = lambda width, batch=1, drafting=False: float(width * batch)  # noqa: E731
     assert speculation_limits(PROFILE, lengths, costly, max_batch=64) == {"linear_spec": 2, "quad_spec": 2}
     linear_only = AcceptanceProfile({"linear_spec": PROFILE.rates["linear_spec"]})
     assert speculation_limits(linear_only, lengths, costly, max_batch=64) == {"linear_spec": 2}

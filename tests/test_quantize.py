@@ -114,20 +114,33 @@ def test_llm_quantizes_every_product(tiny_dir, quantization, kind):
     assert len(a.token_ids) == len(b.token_ids) == 8  # runs; its tokens may differ from the float model's
 
 
-def test_auto_picks_the_format_fastest_at_the_widths_asked_and_leaves_the_model_in_it(monkeypatch):
-    """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the widths
-    decide, and the model is left prepared in the winner (fp16, timed last, losing both)."""
+def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model_in_it(monkeypatch):
+    """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the caller's
+    rate decides, and the model is left prepared in the winner, whose timings come back."""
     from blockdiff.model import autotune
-    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("fp16", 1): 3.0, ("none", 8): 2.5, ("int4", 8): 4.0, ("fp16", 8): 3.0}
-    monkeypatch.setattr(autotune, "forward_seconds", lambda model, width, repeats: cost[(model.quantization, width)])
+    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("fp16", 1): 3.0, ("none", 8): 2.2, ("int4", 8): 4.0}
+    timed = []
+
+    def fake_seconds(model, width, repeats, batch=1, drafting=False):
+        timed.append((model.quantization, width))
+        return cost[(model.quantization, width)]
+
+    monkeypatch.setattr(autotune, "forward_seconds", fake_seconds)
     model = tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128)
-    assert autotune.choose_quantization(model, [1]) == ("int4", {"none": 2.0, "int4": 1.0, "fp16": 3.0})
-    assert model.quantization == "int4" and type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
-    assert autotune.choose_quantization(model, [1, 8]) == ("none", {"none": 4.5, "int4": 5.0, "fp16": 6.0})
+    ar_only = lambda seconds: 1 / seconds(1)  # noqa: E731
+    name, rates, seconds = autotune.choose_quantization(model, ar_only)
+    assert (name, rates) == ("int4", {"none": 0.5, "int4": 1.0, "fp16": 1 / 3})
+    assert seconds(1) == 1.0 and model.quantization == "int4"
+    assert type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
+    # a spec mode committing 2.5 tokens per 8-token pass: wide forwards decide
+    timed.clear()
+    with_spec = lambda seconds: max(1 / seconds(1), 2.5 / seconds(8))  # noqa: E731
+    name, rates, seconds = autotune.choose_quantization(model, with_spec, most_tokens_per_forward=2.5)
+    assert name == "none" and rates["none"] == 2.5 / 2.2 and rates["int4"] == 1.0 and seconds(8) == 2.2
     assert model.quantization == "none" and type(model.layers[0].mlp.down_proj.packed).__name__ != "Int4Weight"
-    # a format stops being timed once it has lost (narrow widths first): int4 never runs 32 tokens wide
-    cost |= {("none", 32): 3.0, ("int4", 8): 40.0, ("fp16", 32): 2.0}
-    assert autotune.choose_quantization(model, [32, 1, 8]) == ("none", {"none": 7.5, "int4": 41.0, "fp16": 8.0})
+    # fp16's one-token forward bounds it below the best (2.5 / 3 < 2.5 / 2.2): never timed wider
+    assert rates["fp16"] == 2.5 / 3 and ("fp16", 8) not in timed
+    assert len(timed) == len(set(timed))  # each width timed once per format
 
 
 def test_forward_widths_of_each_mode():
@@ -137,9 +150,9 @@ def test_forward_widths_of_each_mode():
 
 def test_llm_auto_quantization_measures_every_format_and_stays_lossless(tiny_dir):
     llm = LLM(tiny_dir, dtype="float32", quantization="auto")
-    assert set(llm.quantization_seconds) == {"none", "int4", "fp16"}
-    assert all(s > 0 for s in llm.quantization_seconds.values())
-    assert llm.model.quantization == min(llm.quantization_seconds, key=llm.quantization_seconds.get)
+    assert set(llm.quantization_rates) == {"none", "int4", "fp16"}
+    assert all(rate > 0 for rate in llm.quantization_rates.values())
+    assert llm.model.quantization == max(llm.quantization_rates, key=llm.quantization_rates.get)
     ar, spec = (llm.generate("the cat", mode=m, max_new_tokens=12, ignore_eos=True, use_tqdm=False)[0]
                 for m in ("ar", "linear_spec"))
     assert spec.token_ids == ar.token_ids

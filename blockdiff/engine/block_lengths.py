@@ -28,12 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from blockdiff.errors import CheckpointError
-from blockdiff.model.autotune import forward_width
+from blockdiff.model.autotune import Seconds, forward_width
 
 PROFILE_FILE = "acceptance.json"
 SPEC_MODES = ("linear_spec", "quad_spec")
@@ -56,6 +55,10 @@ class AcceptanceProfile:
 
     def tokens_per_step(self, mode: str, block_length: int) -> float:
         return 1.0 + sum(self.rates[mode][:block_length - 1])
+
+    def most_tokens_per_step(self) -> float:
+        """What a step of any mode commits at most on average: every measured slot drafted."""
+        return max((1.0 + sum(rates) for rates in self.rates.values()), default=1.0)
 
     def to_json(self) -> str:
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in (self.rates | {"measured": self.measured}).items()]
@@ -85,10 +88,11 @@ def save_profile(adapter_dir: str | Path, profile: AcceptanceProfile) -> Path:
     return path
 
 
-def pass_widths(mode: str, block_length: int) -> list[int]:
-    """Tokens per sequence in each forward of one step of `mode`: linear_spec drafts, then
-    verifies; quad_spec does both in one pass."""
-    return [forward_width(mode, block_length)] * (2 if mode == "linear_spec" else 1)
+def passes(mode: str, block_length: int) -> list[tuple[int, bool]]:
+    """(tokens per sequence, whether the draft adapter runs) of each forward in one step of
+    `mode`: linear_spec drafts, then verifies; quad_spec does both in one pass."""
+    width = forward_width(mode, block_length)
+    return [(width, True), (width, False)] if mode == "linear_spec" else [(width, True)]
 
 
 def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:
@@ -99,7 +103,21 @@ def candidate_lengths(profile: AcceptanceProfile, mode: str) -> list[int]:
     return list(range(2, longest + 1))
 
 
-Seconds = Callable[..., float]  # seconds(width, batch=1): one decode forward of `batch` rows of `width` tokens
+def sequence_rate(profile: AcceptanceProfile, mode: str, block_length: int, seconds: Seconds, batch: int = 1) -> float:
+    """Expected tokens per second each sequence of a batch of `batch` commits in `mode` ("ar" or
+    a spec mode the profile covers) at `block_length`, counting forward time only."""
+    if mode == "ar":
+        return 1.0 / seconds(1, batch)
+    step_seconds = sum(seconds(width, batch, drafting) for width, drafting in passes(mode, block_length))
+    return profile.tokens_per_step(mode, block_length) / step_seconds
+
+
+def best_rate(profile: AcceptanceProfile | None, block_lengths: dict[str, int], modes, seconds: Seconds) -> float:
+    """The highest `sequence_rate` at batch 1 among `modes`; a spec mode the profile does not
+    cover (or with no profile) has no estimate and counts as `ar`, the steps it falls back to
+    when it stops paying."""
+    covered = [m for m in modes if m in SPEC_MODES and profile is not None and m in profile.rates]
+    return max(sequence_rate(profile, m, block_lengths[m], seconds) for m in ["ar", *covered])
 
 
 def choose_block_lengths(profile: AcceptanceProfile, seconds: Seconds
@@ -107,7 +125,7 @@ def choose_block_lengths(profile: AcceptanceProfile, seconds: Seconds
     """-> ({mode: the block length with the most expected tokens per second, or the shortest
     within NOISE of it},
     {mode: {block length: expected tokens per second}}), for the spec modes the profile covers;
-    `seconds(width)` is the time of one decode forward of `width` tokens.
+    `seconds(width, batch=1, drafting=False)` times one decode forward (model/autotune.py).
 
     Lengths are timed shortest first, and a mode's scan stops once a longer block could not
     come within NOISE of the best so far even committing the profile's longest draft: its
@@ -120,9 +138,8 @@ def choose_block_lengths(profile: AcceptanceProfile, seconds: Seconds
         most = profile.tokens_per_step(mode, lengths[-1])
         estimates[mode] = {}
         for L in lengths:
-            cost = sum(seconds(w) for w in pass_widths(mode, L))
-            estimates[mode][L] = profile.tokens_per_step(mode, L) / cost
-            if most / cost < max(estimates[mode].values()) * (1 - NOISE):
+            rate = estimates[mode][L] = sequence_rate(profile, mode, L, seconds)
+            if rate * most / profile.tokens_per_step(mode, L) < max(estimates[mode].values()) * (1 - NOISE):
                 break
         best = max(estimates[mode].values())
         # within timing noise of the best, the shortest: it costs least when batches fill up
@@ -170,8 +187,7 @@ def speculation_limits(profile: AcceptanceProfile, block_lengths: dict[str, int]
             continue
         L = block_lengths[mode]
         for batch in batch_ladder(max_batch):
-            spec_rate = profile.tokens_per_step(mode, L) / sum(seconds(w, batch) for w in pass_widths(mode, L))
-            if spec_rate <= (1 + NOISE) / seconds(1, batch):
+            if sequence_rate(profile, mode, L, seconds, batch) <= (1 + NOISE) * sequence_rate(profile, "ar", 1, seconds, batch):
                 limits[mode] = batch
                 break
     return limits

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,12 +13,12 @@ from blockdiff.decoding.logprobs import TokenLogprob
 from blockdiff.decoding.metrics import Metrics
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.auto import LOSSLESS, AutoMode
-from blockdiff.engine.block_lengths import (SPEC_MODES, check_spec_disable_batch_size, choose_block_lengths,
+from blockdiff.engine.block_lengths import (SPEC_MODES, best_rate, check_spec_disable_batch_size, choose_block_lengths,
                                             load_profile, speculation_limits)
 from blockdiff.engine.request import Request
 from blockdiff.engine.scheduler import Scheduler
 from blockdiff.model.adapter import load_adapter
-from blockdiff.model.autotune import choose_quantization, forward_seconds, forward_width
+from blockdiff.model.autotune import choose_quantization, forward_timer
 from blockdiff.model.checkpoint import load_checkpoint
 from blockdiff.model.dtype import resolve_dtype
 from blockdiff.model.registry import resolve_model
@@ -101,15 +100,17 @@ class LLM:
         self.max_batch_size = max_batch_size
         # learns from every decode step of every scheduler, whatever its mode; spec modes need a mask token
         self.auto = AutoMode(tuple(auto_modes) if self.config.mask_token_id is not None else ("ar",))
-        self.quantization_seconds: dict[str, float] | None = None  # what quantization="auto" measured
-        if quantization == "auto":  # timed at the widths of the modes `auto` chooses among
-            widths = sorted({forward_width(m, DEFAULT_BLOCK_LENGTHS[m]) for m in self.auto.candidates})
-            _, self.quantization_seconds = choose_quantization(self.model, widths)
+        profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
+        self.quantization_rates: dict[str, float] | None = None  # what quantization="auto" expected, tokens/s
+        if quantization == "auto":
+            def rate(seconds):  # the fastest of auto's modes at the block lengths these timings choose
+                return best_rate(profile, self._block_lengths(explicit_block_lengths, profile, seconds)[0],
+                                 self.auto.candidates, seconds)
+            most = profile.most_tokens_per_step() if profile is not None else 1.0
+            _, self.quantization_rates, seconds = choose_quantization(self.model, rate, most)
         else:
             self.model.prepare_for_inference(quantization)
-        profile = load_profile(self.adapter) if self.adapter and self.config.mask_token_id is not None else None
-        timed = functools.cache(lambda width, batch: forward_seconds(self.model, width, repeats=3, batch=batch))
-        seconds = lambda width, batch=1: timed(width, batch)  # noqa: E731 (one cache for both call forms)
+            seconds = forward_timer(self.model)
         self.block_lengths, self.block_length_estimates = self._block_lengths(explicit_block_lengths, profile, seconds)
         self.spec_limits = self._spec_limits(spec_disable_batch_size, profile, seconds)
         if cuda_graphs:

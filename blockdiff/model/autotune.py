@@ -1,5 +1,5 @@
-"""What `quantization="auto"` means on this machine: the weight format whose forwards are
-fastest at the widths the model will run, measured when the model loads.
+"""What `quantization="auto"` means on this machine: the weight format in which the model is
+expected to decode fastest, measured when the model loads.
 
 One format serves every width: a row's logits must not depend on its forward's width, or the
 spec modes would stop equalling `ar`, so a model cannot read int4 weights for one-token steps
@@ -7,13 +7,18 @@ and float ones for verify passes. Which format wins depends on the hardware and 
 int4 reads a quarter of bf16's bytes, which pays in one-token steps on an AMX Xeon, and
 computes more per row, which loses in wide passes and everywhere on an AVX2 CPU; fp16
 weights (float32 models only) halve float32's bytes through fbgemm, which pays on AVX2 CPUs
-up to a few dozen rows (benchmarks/RESULTS.md). So the choice is measured, as vLLM and llama.cpp tune kernels, not
-guessed: the sum of one forward per width over a short cache, the median of a few repeats.
+up to a few dozen rows (benchmarks/RESULTS.md). And the widths depend on the format: each spec
+mode's block length is chosen from the same timings (engine/block_lengths.py), shorter where
+wide forwards are dear. So each format is timed and scored by the caller's estimate of its
+decode rate (the fastest of `auto`'s modes at their best block lengths), as vLLM and
+llama.cpp tune kernels, not guessed.
 """
 from __future__ import annotations
 
+import functools
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -31,39 +36,51 @@ def forward_width(mode: str, block_length: int) -> int:
 
 
 @torch.inference_mode()
-def forward_seconds(model: Transformer, width: int, repeats: int, batch: int = 1) -> float:
+def forward_seconds(model: Transformer, width: int, repeats: int, batch: int = 1, drafting: bool = False) -> float:
     """Median seconds of a decode forward of `batch` sequences: `width` tokens each over CONTEXT
     cached ones through the layers, and every row through the output head (the largest
-    product). The cached keys and
-    values are zeros: what they hold does not change the work, and a prefill per width would
-    cost more than the timing where wide products are slow (int4 on AVX2)."""
+    product); `drafting`: through the draft adapter too, as a spec mode's draft pass runs. The
+    cached keys and values are zeros: what they hold does not change the work, and a prefill
+    per width would cost more than the timing where wide products are slow (int4 on AVX2)."""
     cache = KVCache(model.config, batch, CONTEXT + width, model.dtype, model.device)
     cache.advance(CONTEXT)
     tokens = torch.randint(0, model.config.vocab_size, (batch, width), device=model.device)
+    gate = torch.ones(batch, width, dtype=torch.bool, device=model.device) if drafting else None
     times = []
     for _ in range(repeats + 1):  # the first warms up the kernels' caches
         started = time.perf_counter()
-        model.logits(model(tokens, None, cache, "causal"))
+        model.logits(model(tokens, None, cache, "causal", adapter_gate=gate))
         times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
 
 
-def choose_quantization(model: Transformer, widths: list[int], repeats: int = 3) -> tuple[str, dict[str, float]]:
-    """Prepare the model with the format whose forwards at `widths` take the least time in sum;
-    -> (its name, {format: seconds}), among the formats that can serve the model (off the CPU,
-    only "none"; fp16 for float32 models). A format is dropped as soon as its partial sum passes
-    the best complete one, and reported with that partial sum (a lower bound)."""
+Seconds = Callable[..., float]  # seconds(width, batch=1, drafting=False): one decode forward, as forward_seconds
+
+
+def forward_timer(model: Transformer, repeats: int = 3) -> Seconds:
+    """`forward_seconds` of the model as it is prepared now, each (width, batch) timed once."""
+    timed = functools.cache(lambda width, batch, drafting: forward_seconds(model, width, repeats, batch, drafting))
+    return lambda width, batch=1, drafting=False: timed(width, batch, drafting)
+
+
+def choose_quantization(model: Transformer, rate: Callable[[Seconds], float], most_tokens_per_forward: float = 1.0,
+                        repeats: int = 3) -> tuple[str, dict[str, float], Seconds]:
+    """Prepare the model with the format of the highest `rate(seconds)`, the expected tokens
+    per second given that format's forward timings, among the formats that can serve the model
+    (off the CPU, only "none"; fp16 for float32 models).
+    -> (its name, {format: expected tokens per second}, its timings for reuse).
+
+    No decode commits more than `most_tokens_per_forward` tokens per one-token forward's time
+    (a wider forward costs no less), so a format whose one-token forward already rules out
+    beating the best so far is not timed further and is reported with that upper bound."""
     candidates = [q for q in QUANTIZATIONS if unavailable(q, model.dtype, model.device) is None]
-    seconds = {}
+    rates, timers = {}, {}
     for quantization in candidates:
         model.prepare_for_inference(quantization)
-        best_so_far = min(seconds.values(), default=float("inf"))
-        seconds[quantization] = 0.0
-        for width in sorted(widths):
-            seconds[quantization] += forward_seconds(model, width, repeats)
-            if seconds[quantization] > best_so_far:
-                break
-    best = min(seconds, key=seconds.get)
+        seconds = timers[quantization] = forward_timer(model, repeats)
+        bound = most_tokens_per_forward / seconds(1)
+        rates[quantization] = bound if bound < max(rates.values(), default=0.0) else rate(seconds)
+    best = max(rates, key=rates.get)
     if best != candidates[-1]:  # the last one timed is still prepared
         model.prepare_for_inference(best)
-    return best, seconds
+    return best, rates, timers[best]

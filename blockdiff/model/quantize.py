@@ -30,8 +30,8 @@ GROUP_SIZE = 32
 QUANTIZATIONS = ("none", "int4", "fp16")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
 QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; fp16: half-precision "
-                     "weights of a float32 model; auto: the fastest at the widths the auto modes run, measured "
-                     "when the model loads)")
+                     "weights of a float32 model; auto: the format in which the auto modes are expected to decode "
+                     "fastest, measured when the model loads)")
 FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
 
 
