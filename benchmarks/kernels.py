@@ -6,8 +6,10 @@ Times the 120 per-layer products of SmolLM2-135M (fused q/k/v, fused gate/up, o,
 layers) with random weights that, like a real forward's, do not fit in cache, through each
 weight format the engine can use: oneDNN-packed float32 and bf16 (`model/lora.py`'s
 `linear`, where the CPU has a bf16 path), fbgemm's fp16 weights, ATen's weight-only int8
-(`_weight_int8pack_mm`) and int4 (`model/quantize.py`). Prints milliseconds per pass: a lower figure at 1 row favours
-`ar` and small batches, at 8-32 rows the spec modes' draft and verify passes.
+(`_weight_int8pack_mm`) and int4 (`model/quantize.py`), with float32 activations and, where
+bf16 is native, bf16 ones (the kernels take other paths). Prints milliseconds per pass: a
+lower figure at 1 row favours `ar` and small batches, at 8-32 rows the spec modes' draft and
+verify passes.
 """
 from __future__ import annotations
 
@@ -18,15 +20,9 @@ import time
 import torch
 
 from blockdiff.model.lora import linear, pack_for_cpu
-from blockdiff.model.quantize import quantize_fp16, quantize_int4
+from blockdiff.model.quantize import quantize_fp16, quantize_int4, quantize_int8
 
 SHAPES = [(960, 576), (3072, 576), (576, 576), (576, 1536)] * 30  # (out, in) of one forward's products
-
-
-def int8_product(weight: torch.Tensor):
-    scale = weight.abs().amax(1) / 127  # (out,)
-    codes = (weight / scale[:, None]).round().to(torch.int8)  # (out, in)
-    return lambda x: torch.ops.aten._weight_int8pack_mm(x, codes, scale)
 
 
 def fp16_product(weight: torch.Tensor):
@@ -34,15 +30,24 @@ def fp16_product(weight: torch.Tensor):
     return lambda x: linear(x, None, packed)
 
 
+def packed_product(weight: torch.Tensor):
+    packed = pack_for_cpu(weight)
+    return lambda x: linear(x, weight, packed)
+
+
+def in_bf16(make):
+    """The format made from the bf16 weight, fed bf16 activations (what a bf16 model runs)."""
+    return lambda w: (lambda product: lambda x: product(x.bfloat16()))(make(w.bfloat16()))
+
+
 def formats() -> dict:
-    """name -> (weight -> product function), for the formats this CPU supports."""
-    out = {"float32 packed": lambda w: (lambda p: lambda x: linear(x, w, p))(pack_for_cpu(w))}
+    """name -> (weight -> product function), for the formats this CPU supports: float32
+    activations, and where bf16 is native (a packed bf16 path exists) bf16 ones too."""
+    out = {"float32 packed": packed_product, "fp16 weights (fbgemm)": fp16_product,
+           "int8 weight-only": quantize_int8, "int4 weight-only": quantize_int4}
     if pack_for_cpu(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None:
-        out["bf16 packed"] = lambda w: (lambda b: (lambda p: lambda x: linear(x.bfloat16(), b, p))(pack_for_cpu(b)))(
-            w.bfloat16())
-    out["fp16 weights (fbgemm)"] = fp16_product
-    out["int8 weight-only"] = int8_product
-    out["int4 weight-only"] = lambda w: quantize_int4(w)
+        out |= {"bf16 packed": in_bf16(packed_product), "int8 weight-only, bf16 activations": in_bf16(quantize_int8),
+                "int4 weight-only, bf16 activations": in_bf16(quantize_int4)}
     return out
 
 

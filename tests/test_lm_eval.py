@@ -34,7 +34,7 @@ def served_default_model():
     """The default model, in float32 like the `default_llm` fixture it is compared with."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "blockdiff.cli", "serve", "--dtype", "float32",
-                               "--port", str(port), "--threads", "1"], cwd=ROOT,
+                               "--port", str(port)], cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -1,13 +1,13 @@
-"""Weight-only int4 and fp16 (model/quantize.py): int4 codes reproduce Q4_1-shaped weights
-exactly and round to nearest otherwise, fp16 multiplies by the weights rounded to half
-precision, and a quantized model decodes the same tokens in every lossless mode (row
-independence: tests/test_width_invariance.py)."""
+"""Weight-only int4, int8 and fp16 (model/quantize.py): int4 codes reproduce Q4_1-shaped weights
+exactly and round to nearest otherwise, int8 rounds each channel to nearest, fp16 multiplies
+by the weights rounded to half precision, and a quantized model decodes the same tokens in
+every lossless mode (row independence: tests/test_width_invariance.py)."""
 import pytest
 import torch
 
 from blockdiff import LLM
 from blockdiff.model import quantize
-from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_fp16, quantize_int4
+from blockdiff.model.quantize import GROUP_SIZE, dequantize_int4, quantize_fp16, quantize_int4, quantize_int8
 from support.models import attach_random_draft_adapter, run, tiny_model
 
 
@@ -32,6 +32,21 @@ def test_rounding_is_to_the_nearest_code():
     step = ((groups.amax(-1) - groups.amin(-1)) / 15)[..., None]  # (48, 4, 1)
     error = (dequantize_int4(quantize_int4(weight), 4 * GROUP_SIZE) - weight).reshape(48, 4, GROUP_SIZE).abs()
     assert bool((error <= step / 2 + 1e-6).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_multiplies_by_each_channel_rounded_to_the_nearest_step(dtype):
+    torch.manual_seed(3)
+    weight = torch.randn(40, 96).to(dtype)
+    packed = quantize_int8(weight)
+    step = packed.scales.float()[:, None]  # (40, 1)
+    # codes round against the float32 step; a bf16 model keeps the step rounded to bf16 (2^-9 relative)
+    slack = packed.codes.float().abs() * step * (2 ** -8 if dtype == torch.bfloat16 else 0.0) + 1e-6
+    assert bool((packed.codes.float() * step - weight.float()).abs().le(step / 2 + slack).all())
+    assert int(packed.codes.abs().amax(1).min()) == 127  # each channel's largest weight is the top code
+    x = torch.randn(5, 96).to(dtype)
+    expected = x.double() @ (packed.codes.double() * packed.scales.double()[:, None]).T  # (5, 40)
+    assert torch.allclose(packed(x).double(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
 
 
 def test_shapes_the_kernel_cannot_take_are_refused():
@@ -68,27 +83,37 @@ def test_the_fp16_row_check_sees_a_row_dependent_kernel(monkeypatch, kernel):
     """The check that guards the format must see a kernel whose rows depend on their
     neighbours: fbgemm's own without the padding (on AVX2, where its small blocks sum in
     another order), and one made so on any CPU."""
-    quantize.fp16_rows_are_independent.cache_clear()
-    assert quantize.fp16_rows_are_independent()
+    quantize.rows_are_independent.cache_clear()
+    assert quantize.rows_are_independent("fp16", torch.float32)
     monkeypatch.setattr(quantize.Fp16Weight, "__call__", kernel)
-    quantize.fp16_rows_are_independent.cache_clear()
+    quantize.rows_are_independent.cache_clear()
     try:
-        if kernel is raw_fp16_product and quantize.fp16_rows_are_independent():
+        if kernel is raw_fp16_product and quantize.rows_are_independent("fp16", torch.float32):
             pytest.skip(f"fbgemm's fp16 rows are independent without the padding on this CPU "
                         f"({torch.backends.cpu.get_cpu_capability()})")
-        assert not quantize.fp16_rows_are_independent()
+        assert not quantize.rows_are_independent("fp16", torch.float32)
         with pytest.raises(ValueError, match="another result"):
             tiny_model().prepare_for_inference("fp16")
     finally:
-        quantize.fp16_rows_are_independent.cache_clear()
+        quantize.rows_are_independent.cache_clear()
 
 
-def test_fp16_serves_float32_models_only():
-    with pytest.raises(ValueError, match="float32 models"):
+def test_each_format_refuses_the_dtypes_it_cannot_serve():
+    with pytest.raises(ValueError, match="fp16 weights serve float32 models"):
         tiny_model().to(torch.bfloat16).prepare_for_inference("fp16")
+    for quantization in ("int4", "int8"):
+        with pytest.raises(ValueError, match=f"{quantization} weights serve bfloat16 and float32 models"):
+            tiny_model().to(torch.float16).prepare_for_inference(quantization)
 
 
-@pytest.mark.parametrize("quantization", ["int4", "fp16"])
+def test_every_quantized_format_passes_the_row_check_here():
+    """The check that guards each format at load (the emulated failure above shows it can fail)."""
+    for quantization in ("int4", "int8", "fp16"):
+        for dtype in quantize.FORMAT_DTYPES[quantization]:
+            assert quantize.rows_are_independent(quantization, dtype), (quantization, dtype)
+
+
+@pytest.mark.parametrize("quantization", ["int4", "int8", "fp16"])
 @pytest.mark.parametrize("mode,block", [("linear_spec", 4), ("quad_spec", 3)])
 def test_quantized_spec_modes_equal_quantized_ar(mode, block, quantization):
     model = attach_random_draft_adapter(tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128))
@@ -100,13 +125,13 @@ def test_quantized_spec_modes_equal_quantized_ar(mode, block, quantization):
     assert spec == ar
 
 
-@pytest.mark.parametrize("quantization,kind", [("int4", "Int4Weight"), ("fp16", "Fp16Weight")])
+@pytest.mark.parametrize("quantization,kind", [("int4", "Int4Weight"), ("int8", "Int8Weight"), ("fp16", "Fp16Weight")])
 def test_llm_quantizes_every_product(tiny_dir, quantization, kind):
     llm = LLM(tiny_dir, dtype="float32", quantization=quantization)
     layer = llm.model.layers[0]
     assert type(layer.mlp.down_proj.packed).__name__ == kind
     assert type(layer.self_attn.qkv.packed).__name__ == kind
-    if quantization == "fp16":  # int4 needs an output size divisible by 16, which tiny's head (300) is not
+    if quantization != "int4":  # int4 needs an output size divisible by 16, which tiny's head (300) is not
         assert type(llm.model._packed_head).__name__ == kind
     plain = LLM(tiny_dir, dtype="float32")
     a = llm.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
@@ -118,7 +143,8 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the caller's
     rate decides, and the model is left prepared in the winner, whose timings come back."""
     from blockdiff.model import autotune
-    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("fp16", 1): 3.0, ("none", 8): 2.2, ("int4", 8): 4.0}
+    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("int8", 1): 1.6, ("fp16", 1): 3.0,
+            ("none", 8): 2.2, ("int4", 8): 4.0, ("int8", 8): 5.0}
     timed = []
 
     def fake_seconds(model, width, repeats, batch=1, drafting=False):
@@ -129,7 +155,7 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     model = tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128)
     ar_only = lambda seconds: 1 / seconds(1)  # noqa: E731
     name, rates, seconds = autotune.choose_quantization(model, ar_only)
-    assert (name, rates) == ("int4", {"none": 0.5, "int4": 1.0, "fp16": 1 / 3})
+    assert (name, rates) == ("int4", {"none": 0.5, "int4": 1.0, "int8": 0.625, "fp16": 1 / 3})
     assert seconds(1) == 1.0 and model.quantization == "int4"
     assert type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
     # a spec mode committing 2.5 tokens per 8-token pass: wide forwards decide
@@ -137,6 +163,7 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     with_spec = lambda seconds: max(1 / seconds(1), 2.5 / seconds(8))  # noqa: E731
     name, rates, seconds = autotune.choose_quantization(model, with_spec, most_tokens_per_forward=2.5)
     assert name == "none" and rates["none"] == 2.5 / 2.2 and rates["int4"] == 1.0 and seconds(8) == 2.2
+    assert rates["int8"] == 1 / 1.6  # timed at 8 tokens too: its bound (2.5 / 1.6) passed the best
     assert model.quantization == "none" and type(model.layers[0].mlp.down_proj.packed).__name__ != "Int4Weight"
     # fp16's one-token forward bounds it below the best (2.5 / 3 < 2.5 / 2.2): never timed wider
     assert rates["fp16"] == 2.5 / 3 and ("fp16", 8) not in timed
@@ -150,7 +177,7 @@ def test_forward_widths_of_each_mode():
 
 def test_llm_auto_quantization_measures_every_format_and_stays_lossless(tiny_dir):
     llm = LLM(tiny_dir, dtype="float32", quantization="auto")
-    assert set(llm.quantization_rates) == {"none", "int4", "fp16"}
+    assert set(llm.quantization_rates) == {"none", "int4", "int8", "fp16"}
     assert all(rate > 0 for rate in llm.quantization_rates.values())
     assert llm.model.quantization == max(llm.quantization_rates, key=llm.quantization_rates.get)
     ar, spec = (llm.generate("the cat", mode=m, max_new_tokens=12, ignore_eos=True, use_tqdm=False)[0]

@@ -20,19 +20,19 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
 
 
-@pytest.fixture(scope="module", params=["none", "int4", "fp16"])
+@pytest.fixture(scope="module", params=["none", "int4", "int8", "fp16"])
 def native_llm(request):
     """The default model in its default dtype for this machine (bf16 where native), as it is
-    and quantized to int4; with fp16 weights in float32, the dtype that format serves. The
+    and quantized to int4 and int8; with fp16 weights in float32, the dtype that format serves. The
     tests name their block lengths and batches speculate at every size, so nothing is timed at
-    load (slow in int4 on AVX2)."""
+    load (slow in int4 and int8 on AVX2)."""
     fixed = dict(block_lengths={}, spec_disable_batch_size=None)
     if request.param == "fp16":
         return LLM(dtype="float32", quantization="fp16", **fixed)
     return LLM(quantization=request.param, **fixed)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4", "fp16"])
+@pytest.mark.parametrize("quantization", ["none", "int4", "int8", "fp16"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
 @torch.inference_mode()
@@ -44,9 +44,10 @@ def test_linear_rows_do_not_depend_on_the_row_count(dtype, fan_in, fan_out, quan
     packed = inference_weight(weight, quantization)
     # every width up to a batch of 16 quad_spec steps at L=4 (16 x 20 rows): on an AMX Xeon
     # oneDNN sums down_proj's rows in another order at some widths between 150 and 256. The
-    # int4 kernel computes each row apart at a cost that grows with the rows: a sample there.
-    n = 320 if quantization != "int4" else 130
-    widths = range(2, n + 1) if quantization != "int4" else [*range(2, 18), 33, 64, 129, 130]
+    # int4 and int8 kernels compute each row apart at a cost that grows with the rows: a sample there.
+    sampled = quantization in ("int4", "int8")
+    n = 130 if sampled else 320
+    widths = [*range(2, 18), 33, 64, 129, 130] if sampled else range(2, n + 1)
     x = torch.randn(n, fan_in).to(dtype)
     alone = torch.cat([linear(x[r:r + 1], weight, packed) for r in range(n)])  # one forward per row
     differing = [w for w in widths if not torch.equal(linear(x[:w], weight, packed), alone[:w])]
@@ -117,8 +118,8 @@ def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
 def test_spec_modes_equal_ar_in_the_default_dtype(native_llm, mode, block):
     """End to end, batched (ragged rows) and one prompt at a time: the same tokens and the
     same log-probabilities, bit for bit."""
-    if native_llm.model.quantization == "int4":
-        pytest.skip("int4's kernel slows wide forwards; tests/test_quantize.py decodes int4 end to end")
+    if native_llm.model.quantization in ("int4", "int8"):
+        pytest.skip("its kernel slows wide forwards; tests/test_quantize.py decodes it end to end")
     if native_llm.model.quantization == "fp16" and block == 32:
         pytest.skip("fp16's padded widths are all in L=8's 8-token and quad_spec's 20-token passes")
     prompts = ["The capital of France is", "def fibonacci(n):\n    ", "Write a haiku about the sea.",

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from blockdiff.model.quantize import Fp16Weight, Int4Weight, quantize_fp16, quantize_int4, supports_fp16, supports_int4
+from blockdiff.model.quantize import QuantizedWeight, quantized
 
 # what a linear multiplies by at inference: oneDNN's packed copy, int4 codes, fp16 weights, or the plain weight
-InferenceWeight = torch.Tensor | Int4Weight | Fp16Weight | None
+InferenceWeight = torch.Tensor | QuantizedWeight | None
 
 
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
@@ -36,13 +36,10 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 
 def inference_weight(weight: torch.Tensor, quantization: str = "none") -> InferenceWeight:
-    """The copy of `weight` inference multiplies by: int4 codes or fp16 weights (model/quantize.py)
-    when asked for and the weight allows, else oneDNN's packed layout where it applies, else None."""
-    if quantization == "int4" and supports_int4(weight):
-        return quantize_int4(weight)
-    if quantization == "fp16" and supports_fp16(weight):
-        return quantize_fp16(weight)
-    return pack_for_cpu(weight)
+    """The copy of `weight` inference multiplies by: the quantized weight (model/quantize.py) when
+    asked for and the weight allows, else oneDNN's packed layout where it applies, else None."""
+    packed = quantized(weight, quantization)
+    return packed if packed is not None else pack_for_cpu(weight)
 
 
 # the widest product computed in one call; wider inputs run as chunks of this many rows
@@ -74,7 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight
 def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight) -> torch.Tensor:
     """(n, in) -> (n, out); one row is computed as two, except by the quantized kernels, which
     keep rows apart themselves (model/quantize.py)."""
-    if isinstance(packed, (Int4Weight, Fp16Weight)):
+    if isinstance(packed, QuantizedWeight):
         return packed(rows)
     n = rows.shape[0]
     if n == 1:

@@ -1,14 +1,19 @@
-"""Weight-only formats for CPU inference: int4 through ATen's own kernel
-(`_weight_int4pack_mm_for_cpu`), and fp16 through fbgemm's (`quantized::linear_dynamic_fp16`).
+"""Weight-only formats for CPU inference: int4 and int8 through ATen's own kernels
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), and fp16 through fbgemm's
+(`quantized::linear_dynamic_fp16`).
 
 Each output row's input channels form groups of GROUP_SIZE that share a scale and a zero
 point, w = (q - 8) * scale + zero with q in 0..15: GGUF's Q4_1 layout (w = q * d + m, groups
 of 32) re-expressed, so a Q4_1 model re-quantized here keeps its own groups. Rounding is to
 nearest from each group's min and max. Activations stay in the model's dtype.
 
-The kernel computes each row of the input on its own, so a row's result does not depend on
-how many rows share the product (tests/test_quantize.py): quantized ar and spec modes stay
-token-identical. It reads a quarter of bf16's bytes, which pays where a product is
+int8 keeps one scale per output channel, w = q * scale with q in -127..127: twice int4's
+bytes, closer to the float weights.
+
+The int4 and int8 kernels compute each row of the input on its own, so a row's result does not
+depend on how many rows share the product (tests/test_quantize.py): quantized ar and spec modes
+stay token-identical. Every format's rows are checked on the machine before it is used
+(`rows_are_independent`): kernels are chosen by the CPU's instruction set. It reads a quarter of bf16's bytes, which pays where a product is
 bandwidth-bound (a few rows); its cost grows with the rows, so wide products (spec verify
 passes, big batches) are slower than bf16 (benchmarks/RESULTS.md).
 
@@ -16,8 +21,8 @@ fp16 stores a float32 model's weights in half precision and widens them in regis
 sums in float32: half the bytes of float32 on CPUs without native bf16 (AVX2), where
 fbgemm's kernel reads them at close to memory speed. That kernel computes blocks of up to six
 rows, and its one- and two-row blocks sum in another order, so a product whose row count is 1
-or 2 more than a multiple of six is padded with zero rows (`Fp16Weight`); the rule is
-checked on the machine before the format is used (`fp16_rows_are_independent`).
+or 2 more than a multiple of six is padded with zero rows (`Fp16Weight`; on AVX-512 its rows
+are independent without it).
 """
 from __future__ import annotations
 
@@ -27,9 +32,10 @@ from dataclasses import dataclass
 import torch
 
 GROUP_SIZE = 32
-QUANTIZATIONS = ("none", "int4", "fp16")
+QUANTIZATIONS = ("none", "int4", "int8", "fp16")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
-QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; fp16: half-precision "
+QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; int8: per output "
+                     "channel; fp16: half-precision "
                      "weights of a float32 model; auto: the format in which the auto modes are expected to decode "
                      "fastest, measured when the model loads)")
 FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
@@ -69,6 +75,31 @@ def quantize_int4(weight: torch.Tensor) -> Int4Weight:
 
 
 @dataclass
+class Int8Weight:
+    codes: torch.Tensor  # (out, in) int8
+    scales: torch.Tensor  # (out,) in the activation dtype
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) -> (n, out)."""
+        return torch.ops.aten._weight_int8pack_mm(rows.contiguous(), self.codes, self.scales)
+
+
+def supports_int8(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
+
+
+def quantize_int8(weight: torch.Tensor) -> Int8Weight:
+    """(out, in) float weight -> Int8Weight: each output channel scaled so its largest magnitude is 127."""
+    if not supports_int8(weight):
+        raise ValueError(f"int8 needs a bf16 or float32 CPU weight; got {tuple(weight.shape)} {weight.dtype} "
+                         f"on {weight.device}")
+    w = weight.detach().float()
+    scales = (w.abs().amax(1) / 127).clamp_min(torch.finfo(torch.float32).tiny)  # (out,)
+    codes = (w / scales[:, None]).round().clamp(-127, 127).to(torch.int8)  # (out, in)
+    return Int8Weight(codes, scales.to(weight.dtype))
+
+
+@dataclass
 class Fp16Weight:
     packed: object  # fbgemm's packed fp16 copy (a LinearPackedParamsBase)
 
@@ -95,13 +126,29 @@ def quantize_fp16(weight: torch.Tensor) -> Fp16Weight:
     return Fp16Weight(torch.ops.quantized.linear_prepack_fp16(weight.detach(), None))
 
 
+QuantizedWeight = Int4Weight | Int8Weight | Fp16Weight
+FORMATS = {"int4": (supports_int4, quantize_int4), "int8": (supports_int8, quantize_int8),
+           "fp16": (supports_fp16, quantize_fp16)}
+FORMAT_DTYPES = {"int4": (torch.bfloat16, torch.float32), "int8": (torch.bfloat16, torch.float32),
+                 "fp16": (torch.float32,)}
+
+
+def quantized(weight: torch.Tensor, quantization: str) -> QuantizedWeight | None:
+    """`weight` in the format, or None for "none" or a weight the format cannot take (its shape)."""
+    if quantization == "none":
+        return None
+    supports, quantize = FORMATS[quantization]
+    return quantize(weight) if supports(weight) else None
+
+
 @functools.cache
-def fp16_rows_are_independent() -> bool:
-    """Whether, on this CPU, a row of an Fp16Weight product is the same whatever the number of
-    rows and its place among them (fbgemm picks its kernels by the CPU's instruction set)."""
+def rows_are_independent(quantization: str, dtype: torch.dtype) -> bool:
+    """Whether, on this CPU, a row of the format's product is the same whatever the number of
+    rows and its place among them (kernels are picked by the CPU's instruction set): widths
+    up to four of fbgemm's 6-row blocks and past them, at three offsets."""
     generator = torch.Generator().manual_seed(0)
-    weight = quantize_fp16(torch.randn(192, 320, generator=generator) * 0.05)
-    x = torch.randn(4 * FP16_BLOCK_ROWS + 40, 320, generator=generator)
+    weight = quantized((torch.randn(192, 320, generator=generator) * 0.05).to(dtype), quantization)
+    x = torch.randn(4 * FP16_BLOCK_ROWS + 40, 320, generator=generator).to(dtype)
     reference = weight(x)
     return all(torch.equal(weight(x[start:start + n]), reference[start:start + n])
                for start in (0, 1, 5) for n in range(1, 4 * FP16_BLOCK_ROWS + 3))
@@ -113,14 +160,14 @@ def unavailable(quantization: str, dtype: torch.dtype, device: torch.device) -> 
         return None
     if device.type != "cpu":
         return f"quantization {quantization!r} runs on the CPU only (ATen's and fbgemm's CPU kernels)"
-    if quantization == "fp16":
-        if dtype != torch.float32:
-            return f"fp16 weights serve float32 models (dtype='float32'); this one is {dtype}"
-        if "fbgemm" not in torch.backends.quantized.supported_engines:
-            return "fp16 weights need fbgemm, which this PyTorch build lacks"
-        if not fp16_rows_are_independent():
-            return ("fbgemm's fp16 kernel on this CPU gives a row another result beside other rows: the spec "
-                    "modes would stop equalling ar")
+    if dtype not in FORMAT_DTYPES[quantization]:
+        serves = " and ".join(str(d).removeprefix("torch.") for d in FORMAT_DTYPES[quantization])
+        return f"{quantization} weights serve {serves} models; this one is {dtype}"
+    if quantization == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
+        return "fp16 weights need fbgemm, which this PyTorch build lacks"
+    if not rows_are_independent(quantization, dtype):
+        return (f"the {quantization} kernel on this CPU gives a row another result beside other rows: the spec "
+                "modes would stop equalling ar")
     return None
 
 
