@@ -91,7 +91,8 @@ def test_best_rate_is_the_fastest_candidate_at_its_length():
     """ar commits a token per one-token forward; linear_spec L3 2.2 tokens per two 3-token
     forwards; quad_spec L2 1.5 per 6-token forward. A mode the profile lacks counts as ar."""
     lengths = {"ar": 32, "linear_spec": 3, "quad_spec": 2}
-    seconds = lambda width, batch=1, drafting=False: {1: 1.0, 3: 0.5, 6: 1.2}[width]  # noqa: E731 (an odd machine, on purpose)
+    # an odd machine, on purpose: 3-token forwards cheaper than 1-token ones
+    seconds = lambda width, batch=1, drafting=False: {1: 1.0, 3: 0.5, 6: 1.2}[width]  # noqa: E731
     assert sequence_rate(PROFILE, "linear_spec", 3, seconds) == pytest.approx(2.2)
     assert best_rate(PROFILE, lengths, ("ar", "linear_spec", "quad_spec"), seconds) == pytest.approx(2.2)
     assert best_rate(PROFILE, lengths, ("ar", "quad_spec"), seconds) == pytest.approx(1.25)
@@ -129,7 +130,8 @@ def test_speculation_stops_where_the_batch_uses_up_the_spare_compute():
     knee = lambda width, batch=1, drafting=False: max(1.0, width * batch / 16)  # noqa: E731
     assert speculation_limits(PROFILE, lengths, knee, max_batch=64) == {"linear_spec": 8, "quad_spec": 4}
     assert speculation_limits(PROFILE, lengths, knee, max_batch=4) == {"quad_spec": 4}
-    assert speculation_limits(PROFILE, lengths, lambda width, batch=1, drafting=False: 1.0, max_batch=64) == {}  # width is free
+    free = lambda width, batch=1, drafting=False: 1.0  # noqa: E731
+    assert speculation_limits(PROFILE, lengths, free, max_batch=64) == {}  # width is free
     costly = lambda width, batch=1, drafting=False: float(width * batch)  # noqa: E731
     assert speculation_limits(PROFILE, lengths, costly, max_batch=64) == {"linear_spec": 2, "quad_spec": 2}
     linear_only = AcceptanceProfile({"linear_spec": PROFILE.rates["linear_spec"]})

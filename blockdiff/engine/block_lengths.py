@@ -187,7 +187,8 @@ def speculation_limits(profile: AcceptanceProfile, block_lengths: dict[str, int]
             continue
         L = block_lengths[mode]
         for batch in batch_ladder(max_batch):
-            if sequence_rate(profile, mode, L, seconds, batch) <= (1 + NOISE) * sequence_rate(profile, "ar", 1, seconds, batch):
+            ar_rate = sequence_rate(profile, "ar", 1, seconds, batch)
+            if sequence_rate(profile, mode, L, seconds, batch) <= (1 + NOISE) * ar_rate:
                 limits[mode] = batch
                 break
     return limits

@@ -12,7 +12,7 @@ from torch import nn
 
 from blockdiff.model.quantize import QuantizedWeight, quantized
 
-# what a linear multiplies by at inference: oneDNN's packed copy, int4 codes, fp16 weights, or the plain weight
+# what a linear multiplies by at inference: oneDNN's packed copy, a quantized weight, or the plain weight
 InferenceWeight = torch.Tensor | QuantizedWeight | None
 
 

@@ -12,10 +12,9 @@ bytes, closer to the float weights.
 
 The int4 and int8 kernels compute each row of the input on its own, so a row's result does not
 depend on how many rows share the product (tests/test_quantize.py): quantized ar and spec modes
-stay token-identical. Every format's rows are checked on the machine before it is used
-(`rows_are_independent`): kernels are chosen by the CPU's instruction set. It reads a quarter of bf16's bytes, which pays where a product is
+stay token-identical. int4 reads a quarter of bf16's bytes, which pays where a product is
 bandwidth-bound (a few rows); its cost grows with the rows, so wide products (spec verify
-passes, big batches) are slower than bf16 (benchmarks/RESULTS.md).
+passes, big batches) are slower than bf16 (benchmarks/RESULTS.md). int8 sits between them.
 
 fp16 stores a float32 model's weights in half precision and widens them in registers, the
 sums in float32: half the bytes of float32 on CPUs without native bf16 (AVX2), where
@@ -23,6 +22,9 @@ fbgemm's kernel reads them at close to memory speed. That kernel computes blocks
 rows, and its one- and two-row blocks sum in another order, so a product whose row count is 1
 or 2 more than a multiple of six is padded with zero rows (`Fp16Weight`; on AVX-512 its rows
 are independent without it).
+
+Kernels are chosen by the CPU's instruction set, so every format's rows are checked on the
+machine before it is used (`rows_are_independent`).
 """
 from __future__ import annotations
 
@@ -35,9 +37,8 @@ GROUP_SIZE = 32
 QUANTIZATIONS = ("none", "int4", "int8", "fp16")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
 QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; int8: per output "
-                     "channel; fp16: half-precision "
-                     "weights of a float32 model; auto: the format in which the auto modes are expected to decode "
-                     "fastest, measured when the model loads)")
+                     "channel; fp16: half-precision weights of a float32 model; auto: the format in which the auto "
+                     "modes are expected to decode fastest, measured when the model loads)")
 FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
 
 

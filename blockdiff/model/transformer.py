@@ -117,7 +117,7 @@ class Transformer(nn.Module):
 
     def prepare_for_inference(self, quantization: str = "none") -> None:
         """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
-        or, with quantization "int4" or "fp16", quantize every product's weight, the output
+        or, with quantization "int4", "int8" or "fp16", quantize every product's weight, the output
         head's too (model/quantize.py). Call again after changing weights; training must not use
         it (the fused and packed copies do not follow the parameters)."""
         if quantization not in QUANTIZATIONS:
