@@ -168,6 +168,13 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     # fp16's one-token forward bounds it below the best (2.5 / 3 < 2.5 / 2.2): never timed wider
     assert rates["fp16"] == 2.5 / 3 and ("fp16", 8) not in timed
     assert len(timed) == len(set(timed))  # each width timed once per format
+    # formats are scored best bound first: where fp16 wins (an AVX2 CPU), the slow ones that
+    # come before it in QUANTIZATIONS are never timed wide
+    timed.clear()
+    cost |= {("none", 1): 2.0, ("int4", 1): 4.0, ("int8", 1): 5.0, ("fp16", 1): 1.0, ("fp16", 8): 1.1}
+    name, rates, _ = autotune.choose_quantization(model, with_spec, most_tokens_per_forward=2.5)
+    assert name == "fp16" and rates["fp16"] == 2.5 / 1.1 and model.quantization == "fp16"
+    assert [t for t in timed if t[1] == 8] == [("fp16", 8)]
 
 
 def test_forward_widths_of_each_mode():
