@@ -125,9 +125,11 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
         from support.server import make_tiny_checkpoint  # the tests' random tiny model
         model = make_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), "tiny"))
     port = args.port
-    cmd = [sys.executable, "-m", "blockdiff.cli", "serve", "--model", model, "--port", str(port),
+    cmd = [sys.executable, "-m", "blockdiff.cli", "serve", "--port", str(port),
            "--max-running-requests", str(args.max_running_requests), "--log-level", "warning",
-           "--dtype", args.dtype, "--served-model-name", args.model_name]
+           "--dtype", args.dtype, "--quantization", args.quantization, "--served-model-name", args.model_name]
+    if model is not None:  # else the server's default model
+        cmd += ["--model", model]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": ROOT})
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--model-name", default="bench")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--quantization", default="none", help="the server's --quantization")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--mode", default="linear_spec")
     p.add_argument("--block-length", type=int, default=None)
