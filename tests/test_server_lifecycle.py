@@ -1,6 +1,7 @@
 """`blockdiff serve` as a real process: ready when /health says so, and SIGTERM mid-stream
 lets the in-flight request finish (or end cleanly), then exits without hanging. Also the
-stream text tracker, checked against Sequence's own stop-string cut."""
+stream text tracker, checked against Sequence's own stop-string cut, and the thread the model
+loads on."""
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from blockdiff.decoding.sequence import Sequence
 from blockdiff.engine.request import Update
 from blockdiff.sampling import SamplingParams
+from blockdiff.server.commands import on_a_passing_thread
 from blockdiff.server.streaming import TextTracker, held_back
 from support.models import tiny_tokenizer
 from support.server import free_port, make_tiny_checkpoint
@@ -71,6 +73,20 @@ def test_sigterm_lets_the_stream_finish_and_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_the_model_loads_on_a_thread_that_ends_and_its_errors_reach_the_caller():
+    """serve loads off the main thread so the engine thread holds the process's only OpenMP
+    pool (server/commands.py)."""
+    ran_on = []
+    assert on_a_passing_thread(lambda: ran_on.append(threading.current_thread()) or 7) == 7
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()
+
+    def failing():
+        raise FileNotFoundError("no such model: nowhere")
+
+    with pytest.raises(FileNotFoundError, match="no such model"):
+        on_a_passing_thread(failing)
 
 
 def test_held_back_is_the_longest_stop_prefix():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import threading
 
 from blockdiff.engine.block_lengths import SPEC_DISABLE_HELP, spec_disable_batch_size_arg
 from blockdiff.model.dtype import DTYPE_CHOICES
@@ -53,6 +54,30 @@ def config_from_args(args) -> ServerConfig:
     return ServerConfig(**{k: v for k, v in vars(args).items() if k in fields})
 
 
+def on_a_passing_thread(make):
+    """make() on a thread that ends when it returns; its result, or its exception re-raised.
+
+    Loading times forwards (model/autotune.py), and with OpenMP (libgomp) every thread that runs
+    a parallel region keeps a pool of worker threads for life. Once two live threads hold
+    pools on a machine with fewer cores than their threads, libgomp stops spin-waiting between
+    regions, and the engine thread's forwards ran 2x slower (benchmarks/RESULTS.md). A pool
+    ends with its thread, so the engine thread is left the only one holding a pool."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["result"] = make()
+        except BaseException as e:  # noqa: BLE001 (re-raised on the caller's thread)
+            box["error"] = e
+
+    thread = threading.Thread(target=run, name="blockdiff-load")
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
+
+
 def cmd_serve(args) -> None:
     import torch
     import uvicorn
@@ -69,10 +94,11 @@ def cmd_serve(args) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    llm = LLM(config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
-              auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization,
-              cuda_graphs=config.cuda_graphs, max_batch_size=config.max_running_requests,
-              spec_disable_batch_size=config.spec_disable_batch_size)
+    llm = on_a_passing_thread(lambda: LLM(
+        config.model, dtype=config.dtype, device=config.device, adapter=config.adapter,
+        auto_modes=tuple(config.auto_modes.split(",")), quantization=config.quantization,
+        cuda_graphs=config.cuda_graphs, max_batch_size=config.max_running_requests,
+        spec_disable_batch_size=config.spec_disable_batch_size))
     app = build_app(llm, config)
     uvicorn.run(app, host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.graceful_timeout_s)
