@@ -58,7 +58,7 @@ Seconds = Callable[..., float]  # seconds(width, batch=1, drafting=False): one d
 
 
 def forward_timer(model: Transformer, repeats: int = 3) -> Seconds:
-    """`forward_seconds` of the model as it is prepared now, each (width, batch) timed once."""
+    """`forward_seconds` of the model as it is prepared now, each (width, batch, drafting) timed once."""
     timed = functools.cache(lambda width, batch, drafting: forward_seconds(model, width, repeats, batch, drafting))
     return lambda width, batch=1, drafting=False: timed(width, batch, drafting)
 
