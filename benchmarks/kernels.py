@@ -37,7 +37,10 @@ def packed_product(weight: torch.Tensor):
 
 def in_bf16(make):
     """The format made from the bf16 weight, fed bf16 activations (what a bf16 model runs)."""
-    return lambda w: (lambda product: lambda x: product(x.bfloat16()))(make(w.bfloat16()))
+    def made(weight: torch.Tensor):
+        product = make(weight.bfloat16())
+        return lambda x: product(x.bfloat16())
+    return made
 
 
 def formats() -> dict:

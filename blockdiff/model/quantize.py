@@ -40,6 +40,9 @@ QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: 
                      "channel; fp16: half-precision weights of a float32 model; auto: the format in which the auto "
                      "modes are expected to decode fastest, measured when the model loads)")
 FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
+# the model dtypes each format serves (its activations' dtype)
+FORMAT_DTYPES = {"int4": (torch.bfloat16, torch.float32), "int8": (torch.bfloat16, torch.float32),
+                 "fp16": (torch.float32,)}
 
 
 @dataclass
@@ -56,7 +59,7 @@ class Int4Weight:
 
 def supports_int4(weight: torch.Tensor) -> bool:
     return (weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] % 16 == 0
-            and weight.shape[1] % GROUP_SIZE == 0 and weight.dtype in (torch.bfloat16, torch.float32))
+            and weight.shape[1] % GROUP_SIZE == 0 and weight.dtype in FORMAT_DTYPES["int4"])
 
 
 def quantize_int4(weight: torch.Tensor) -> Int4Weight:
@@ -86,7 +89,7 @@ class Int8Weight:
 
 
 def supports_int8(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in (torch.bfloat16, torch.float32)
+    return weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in FORMAT_DTYPES["int8"]
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8Weight:
@@ -115,7 +118,7 @@ class Fp16Weight:
 
 
 def supports_fp16(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype == torch.float32
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.dtype in FORMAT_DTYPES["fp16"]
             and "fbgemm" in torch.backends.quantized.supported_engines)
 
 
@@ -130,8 +133,6 @@ def quantize_fp16(weight: torch.Tensor) -> Fp16Weight:
 QuantizedWeight = Int4Weight | Int8Weight | Fp16Weight
 FORMATS = {"int4": (supports_int4, quantize_int4), "int8": (supports_int8, quantize_int8),
            "fp16": (supports_fp16, quantize_fp16)}
-FORMAT_DTYPES = {"int4": (torch.bfloat16, torch.float32), "int8": (torch.bfloat16, torch.float32),
-                 "fp16": (torch.float32,)}
 
 
 def quantized(weight: torch.Tensor, quantization: str) -> QuantizedWeight | None:

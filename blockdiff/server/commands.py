@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from blockdiff.engine.block_lengths import SPEC_DISABLE_HELP, spec_disable_batch_size_arg
 from blockdiff.model.dtype import DTYPE_CHOICES
@@ -62,20 +62,8 @@ def on_a_passing_thread(make):
     pools on a machine with fewer cores than their threads, libgomp stops spin-waiting between
     regions, and the engine thread's forwards ran 2x slower (benchmarks/RESULTS.md). A pool
     ends with its thread, so the engine thread is left the only one holding a pool."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["result"] = make()
-        except BaseException as e:  # noqa: BLE001 (re-raised on the caller's thread)
-            box["error"] = e
-
-    thread = threading.Thread(target=run, name="blockdiff-load")
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blockdiff-load") as loader:
+        return loader.submit(make).result()  # the worker thread ends when the block exits
 
 
 def cmd_serve(args) -> None:
