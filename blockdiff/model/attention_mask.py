@@ -47,6 +47,11 @@ class AttentionMask:
     def bias(self) -> torch.Tensor | None:
         return key_bias(self.visible)
 
+    @cached_property
+    def per_query(self) -> torch.Tensor | None:
+        """`visible` as the contiguous (B, T, span) bytes the fused CPU kernel reads (model/cpu_kernels.py)."""
+        return None if self.visible is None else self.visible[:, 0].contiguous()  # (B, T, span)
+
 
 def visibility(pattern: Pattern, lengths: torch.Tensor, num_new: int, span: int, device=None) -> torch.Tensor:
     """The (B, 1, T, span) boolean mask: True where a new token sees a key."""

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.config import ModelConfig
+from blockdiff.model import cpu_kernels
 from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern, visibility
 from blockdiff.model.kv_cache import KVCache
@@ -28,7 +29,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 and scale in the model dtype, as the reference implementations do
         # (bf16 variance loses bits); ATen's fused kernel is one op where the formula is five,
-        # and in float32 it scales too.
+        # and in float32 it scales too. The fused CPU kernel rounds in the same places.
+        if cpu_kernels.applies(x):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
@@ -54,6 +57,8 @@ class Attention(nn.Module):
         return qkv.view(B, T, self.num_heads + 2 * self.num_kv_heads, self.head_dim)  # (B, T, H+2Hkv, D)
 
     def forward(self, x, rope, mask, cache: KVCache | None, layer: int, gate):
+        if isinstance(cache, KVCache) and cpu_kernels.applies(x):  # not training's read-only prefix
+            return self.o_proj(self._fused_attention(x, rope, mask, cache, layer, gate), gate)
         H, Hkv = self.num_heads, self.num_kv_heads
         qk, v = self.project(x, gate).split([H + Hkv, Hkv], dim=2)  # (B, T, H+Hkv, D), (B, T, Hkv, D)
         cos, sin, q_scale = rope
@@ -68,6 +73,17 @@ class Attention(nn.Module):
         else:
             y = grouped_attention(q, k, v, mask.bias)  # (B, T, H*D)
         return self.o_proj(y, gate)
+
+    def _fused_attention(self, x, rope, mask, cache: KVCache, layer: int, gate) -> torch.Tensor:
+        """The same computation through model/cpu_kernels.py: RoPE and the cache write in one
+        call, attention in another. (B, T, hidden) -> (B, T, H*D)."""
+        cos, sin, q_scale = rope
+        starts = cache.device_lengths if cache.static else cache.lengths
+        k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, Hkv, capacity, D)
+        q = cpu_kernels.rope_store(self.project(x, gate), cos, sin, self.num_heads, k_cache, v_cache, starts)  # (B, T, H, D)
+        if q_scale is not None:
+            q = q * q_scale
+        return cpu_kernels.attention(q, k_cache, v_cache, cache.span, mask.per_query)  # (B, T, H*D)
 
 
 class MLP(nn.Module):
@@ -154,6 +170,9 @@ class Transformer(nn.Module):
         when the inputs are on the device already: the forward can be captured (step_graphs.py).
         """
         B, T = input_ids.shape
+        if cache is None and cpu_kernels.applies(self.embed_tokens.weight):
+            # the fused attention reads keys from a cache: an empty one serves a forward without
+            cache = KVCache(self.config, B, T, self.dtype, self.device)
         static = cache is not None and cache.static
         if cache is not None:
             cache.begin(T)

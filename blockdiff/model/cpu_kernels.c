@@ -1,0 +1,314 @@
+/* Fused CPU kernels for inference forwards: RMSNorm, RoPE with the KV-cache write, attention.
+ *
+ * Contract (model/cpu_kernels.py builds and calls these): every output row is computed by
+ * the same sequence of float operations whatever the number of rows, the batch, the span of
+ * the cache or the thread that computes it. Reductions accumulate in sixteen lanes in a fixed
+ * order, masked keys are skipped (not added as zeros), and the library is built
+ * with -ffp-contract=off so that only the explicit fmaf calls fuse. A row computed in a
+ * 33-token verify pass is therefore bit for bit the row a one-token step computes, which is
+ * what keeps the speculative modes lossless (SPEC section 3).
+ *
+ * Tensors are bf16 (dtype 1, stored as uint16) or float32 (dtype 0); all arithmetic is float32.
+ * bf16 results are rounded to nearest even, as PyTorch rounds.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+static inline float bf16_to_float(uint16_t h) {
+    union { uint32_t u; float f; } v = { (uint32_t)h << 16 };
+    return v.f;
+}
+
+static inline uint16_t float_to_bf16(float f) {
+    union { float f; uint32_t u; } v = { f };
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* element i of a bf16 (dtype 1) or float32 (dtype 0) array */
+static inline float load(const void *p, int64_t i, int dtype) {
+    return dtype ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline void store(void *p, int64_t i, float x, int dtype) {
+    if (dtype) ((uint16_t *)p)[i] = float_to_bf16(x);
+    else ((float *)p)[i] = x;
+}
+
+/* a value as the tensor's dtype holds it: bf16 rounding, or none */
+static inline float rounded(float x, int dtype) {
+    return dtype ? bf16_to_float(float_to_bf16(x)) : x;
+}
+
+/* n elements of an array from `offset` on, widened to float32 */
+static void load_row(const void *p, int64_t offset, int64_t n, int dtype, float *out) {
+    if (dtype) {
+        const uint16_t *h = (const uint16_t *)p + offset;
+        for (int64_t j = 0; j < n; j++) out[j] = bf16_to_float(h[j]);
+    } else {
+        memcpy(out, (const float *)p + offset, n * sizeof(float));
+    }
+}
+
+/* sum of a[j] * b[j]: eight lanes in two accumulators, then the lanes in a fixed tree; one
+ * order for every call. The AVX2 path and the portable one compute the same sums. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    for (; j + 16 <= n; j += 16) {
+        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), even);
+        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), odd);
+    }
+    float lanes[16];
+    _mm256_storeu_ps(lanes, even);
+    _mm256_storeu_ps(lanes + 8, odd);
+#else
+    float lanes[16] = {0};
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) lanes[l] = fmaf(a[j + l], b[j + l], lanes[l]);
+#endif
+    for (int l = 0; j < n; j++, l++) lanes[l] = fmaf(a[j], b[j], lanes[l]);
+    for (int width = 8; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
+
+/* exp(x) for x <= 0 (softmax arguments), to about 2 ulp: Cody-Waite reduction by ln 2 and a
+ * polynomial (Cephes' expf); elementwise arithmetic only, so vector and scalar code agree */
+static inline float exp_nonpositive(float x) {
+    if (x < -87.0f) return 0.0f;
+    float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
+    float r = fmaf(n, -0.693359375f, x);
+    r = fmaf(n, 2.12194440e-4f, r);
+    float p = 1.9875691500e-4f;
+    p = fmaf(p, r, 1.3981999507e-3f);
+    p = fmaf(p, r, 8.3334519073e-3f);
+    p = fmaf(p, r, 4.1665795894e-2f);
+    p = fmaf(p, r, 1.6666665459e-1f);
+    p = fmaf(p, r, 5.0000001201e-1f);
+    p = fmaf(p, r * r, r) + 1.0f;
+    union { uint32_t u; float f; } scale = { (uint32_t)((int32_t)n + 127) << 23 };
+    return p * scale.f;
+}
+
+/* out[r] = RMSNorm(x[r]) * weight for `rows` rows of `dim` values. float32: x * rsqrt(mean(x^2)
+ * + eps) * weight; bf16: the normalised row rounded to bf16, then scaled by the bf16 weight and
+ * rounded (the reference models' order). */
+void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int64_t dim, float eps, int dtype) {
+    float *row = malloc(dim * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(x, r * dim, dim, dtype, row);
+        float inv = 1.0f / sqrtf(dot(row, row, dim) / (float)dim + eps);
+        for (int64_t j = 0; j < dim; j++) {
+            float w = load(weight, j, dtype);
+            float y = dtype ? rounded(row[j] * inv, 1) * w : row[j] * inv * w;
+            store(out, r * dim + j, y, dtype);
+        }
+    }
+    free(row);
+}
+
+/* Rotary embedding of the query and key heads of a fused q/k/v product, and the cache write.
+ * qkv: (B*T, (H + 2*Hkv) * D) with query heads, key heads, value heads in that order; cos and
+ * sin: (B*T, D) in the model dtype (sin sign-folded, model/rope.py); q_out: (B*T, H*D). Token t
+ * of row b goes to cache slot starts[b] + t of k_cache / v_cache, whose row b, head h, slot s
+ * starts at b * batch_stride + h * head_stride + s * D. Each product is rounded as PyTorch's
+ * x * cos + roll(x, D/2) * sin rounds it. */
+void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_out, void *k_cache, void *v_cache,
+                   const int64_t *starts, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                   int64_t batch_stride, int64_t head_stride, int dtype) {
+    int64_t width = (H + 2 * Hkv) * D, half = D / 2;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t t = 0; t < T; t++) {
+            int64_t token = b * T + t, slot = starts[b] + t;
+            for (int64_t h = 0; h < H + 2 * Hkv; h++) {
+                const int64_t in = token * width + h * D;
+                void *dst;
+                int64_t at;
+                if (h < H) { dst = q_out; at = token * H * D + h * D; }
+                else if (h < H + Hkv) { dst = k_cache; at = b * batch_stride + (h - H) * head_stride + slot * D; }
+                else { dst = v_cache; at = b * batch_stride + (h - H - Hkv) * head_stride + slot * D; }
+                if (h >= H + Hkv) {  /* values: copied */
+                    if (dtype) memcpy((uint16_t *)dst + at, (const uint16_t *)qkv + in, D * sizeof(uint16_t));
+                    else memcpy((float *)dst + at, (const float *)qkv + in, D * sizeof(float));
+                    continue;
+                }
+                for (int64_t d = 0; d < D; d++) {
+                    float x = load(qkv, in + d, dtype), turned = load(qkv, in + (d + half) % D, dtype);
+                    float y = rounded(x * load(cos, token * D + d, dtype), dtype)
+                            + rounded(turned * load(sin, token * D + d, dtype), dtype);
+                    store(dst, at + d, y, dtype);
+                }
+            }
+        }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define SIMD 1
+/* eight elements from i on, widened to float32 */
+static inline __m256 load8(const void *p, int64_t i, int dtype) {
+    if (dtype) {
+        __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* the sixteen lanes of `dot` summed in its tree: l + l+8, then l + l+4, l + l+2, l + l+1 */
+static inline float tree_sum(__m256 even, __m256 odd) {
+    __m256 eight = _mm256_add_ps(even, odd);
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+/* exp_nonpositive on eight lanes, operation for operation */
+static inline __m256 exp8_nonpositive(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+}
+#else
+#define SIMD 0
+#endif
+
+/* scores[i * n + j] = scale * (query i . key seen[j]) for the G queries of a group */
+static void group_scores(const float *queries, const void *k_head, const int64_t *seen, int64_t n, int64_t G,
+                         int64_t D, float scale, int dtype, float *scores, float *key) {
+    for (int64_t j = 0; j < n; j++) {
+#if SIMD
+        if (D % 16 == 0) {
+            for (int64_t i = 0; i < G; i++) {
+                const float *query = queries + i * D;
+                __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+                for (int64_t d = 0; d < D; d += 16) {
+                    even = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(k_head, seen[j] * D + d, dtype), even);
+                    odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), load8(k_head, seen[j] * D + d + 8, dtype), odd);
+                }
+                scores[i * n + j] = tree_sum(even, odd) * scale;
+            }
+            continue;
+        }
+#endif
+        load_row(k_head, seen[j] * D, D, dtype, key);
+        for (int64_t i = 0; i < G; i++) scores[i * n + j] = dot(queries + i * D, key, D) * scale;
+    }
+}
+
+/* row[0..n) -> softmax(row), in place; the sum of exps in eight lanes, then a tree */
+static void softmax(float *row, int64_t n) {
+    float top = -INFINITY, lanes[8] = {0};
+    int64_t j = 0;
+#if SIMD
+    __m256 most = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8) most = _mm256_max_ps(most, _mm256_loadu_ps(row + j));
+    _mm256_storeu_ps(lanes, most);
+    for (int l = 0; l < 8; l++) top = lanes[l] > top ? lanes[l] : top;
+#endif
+    for (; j < n; j++) top = row[j] > top ? row[j] : top;  /* a maximum is the same in any order */
+    memset(lanes, 0, sizeof lanes);
+    j = 0;
+#if SIMD
+    __m256 sum = _mm256_setzero_ps();
+    for (; j + 8 <= n; j += 8) {
+        __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
+        _mm256_storeu_ps(row + j, e);
+        sum = _mm256_add_ps(sum, e);
+    }
+    _mm256_storeu_ps(lanes, sum);
+#else
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++) lanes[l] += row[j + l] = exp_nonpositive(row[j + l] - top);
+#endif
+    for (int l = 0; j < n; j++, l++) lanes[l] += row[j] = exp_nonpositive(row[j] - top);
+    for (int width = 4; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    for (j = 0; j < n; j++) row[j] /= lanes[0];
+}
+
+/* acc[0..D) = sum over j of probs[j] * value seen[j], one fused multiply-add per key in key order */
+static void weighted_values(const float *probs, const void *v_head, const int64_t *seen, int64_t n, int64_t D,
+                            int dtype, float *acc, float *value) {
+#if SIMD
+    if (D % 64 == 0) {  /* eight independent accumulators: the multiply-adds overlap */
+        for (int64_t d = 0; d < D; d += 64) {
+            __m256 a[8];
+            for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                const __m256 p = _mm256_set1_ps(probs[j]);
+                const int64_t at = seen[j] * D + d;
+                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p, load8(v_head, at + 8 * k, dtype), a[k]);
+            }
+            for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + d + 8 * k, a[k]);
+        }
+        return;
+    }
+#endif
+    memset(acc, 0, D * sizeof(float));
+    for (int64_t j = 0; j < n; j++) {
+        load_row(v_head, seen[j] * D, D, dtype, value);
+        for (int64_t d = 0; d < D; d++) acc[d] = fmaf(probs[j], value[d], acc[d]);
+    }
+}
+
+/* The attention of one query group: G query heads (G*D floats) over the n keys listed in
+ * `seen` (slot indices) of one cache head; writes G*D float32 outputs. scores: G*n scratch. */
+static void attend_group(const float *queries, const void *k_head, const void *v_head, const int64_t *seen,
+                         int64_t n, int64_t G, int64_t D, float scale, int dtype, float *scores, float *key, float *acc) {
+    group_scores(queries, k_head, seen, n, G, D, scale, dtype, scores, key);
+    for (int64_t i = 0; i < G; i++) {
+        softmax(scores + i * n, n);
+        weighted_values(scores + i * n, v_head, seen, n, D, dtype, acc + i * D, key);
+    }
+}
+
+/* Attention of T new queries per row over a span of cached keys, grouped as HF's repeat_kv
+ * groups them (query head h reads key head h / (H / Hkv)).
+ * q: (B, T, H, D); k_cache, v_cache: as in bd_rope_store; visible: (B, T, span) bytes, nonzero
+ * where a query sees a key, or NULL when every query sees all `span` keys; out: (B, T, H*D).
+ * A query that sees no key gets zeros. */
+void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
+                  int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
+                  int64_t batch_stride, int64_t head_stride, float scale, int dtype) {
+    const int64_t G = H / Hkv, items = B * Hkv * T;
+    const int parallel = items > 1 && items * span * G * D >= 32768;
+#pragma omp parallel if (parallel)
+    {
+        float *scores = malloc(G * span * sizeof(float)), *key = malloc(D * sizeof(float));
+        float *queries = malloc(G * D * sizeof(float)), *acc = malloc(G * D * sizeof(float));
+        int64_t *seen = malloc(span * sizeof(int64_t));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < items; item++) {
+            const int64_t b = item / (Hkv * T), g = item / T % Hkv, t = item % T, first = (b * T + t) * H + g * G;
+            const uint8_t *mask = visible ? visible + (b * T + t) * span : NULL;
+            int64_t n = 0;
+            for (int64_t s = 0; s < span; s++)
+                if (!mask || mask[s]) seen[n++] = s;
+            for (int64_t i = 0; i < G; i++) load_row(q, (first + i) * D, D, dtype, queries + i * D);
+            const int64_t cache_at = b * batch_stride + g * head_stride;
+            const char *k_head = (const char *)k_cache + cache_at * (dtype ? 2 : 4);
+            const char *v_head = (const char *)v_cache + cache_at * (dtype ? 2 : 4);
+            attend_group(queries, k_head, v_head, seen, n, G, D, scale, dtype, scores, key, acc);
+            for (int64_t j = 0; j < G * D; j++) store(out, first * D + j, acc[j], dtype);
+        }
+        free(scores); free(key); free(queries); free(acc); free(seen);
+    }
+}

@@ -1,0 +1,147 @@
+"""Fused CPU kernels for inference forwards (cpu_kernels.c), built for this CPU on first use.
+
+A one-token forward of a small model is mostly small ATen ops, not products: SmolLM2-135M's
+runs about 2,200 of them, each a Python call and a dispatch, for RMSNorm's five steps, RoPE,
+the cache write and the float32 attention of model/attention.py. Here each of those is one
+call per layer, computed per row (rows independent of the width, as attention.py's contract
+requires; the C file says how), on torch's own OpenMP threads.
+
+The library is compiled with the system C compiler for the machine at hand (-march=native)
+and cached by source, flags and CPU; `available()` is False, and the model keeps its ATen
+path, where there is no compiler, on non-x86 hosts, or with BLOCKDIFF_CPU_KERNELS=0. The two
+paths round differently in the last bits (float32 sums in another order), so one process
+uses one of them throughout: every forward of a CPU model in bf16 or float32 without
+gradients takes the kernels when they are available.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
+log = logging.getLogger(__name__)
+
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+SIGNATURES = {
+    "bd_rms_norm": [_P, _P, _P, _I, _I, _F, ctypes.c_int],
+    "bd_rope_store": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int],
+    "bd_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, ctypes.c_int],
+}
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("BLOCKDIFF_KERNEL_CACHE", Path(root) / "blockdiff" / "kernels"))
+
+
+def build() -> Path:
+    """The shared library for this CPU, compiled unless a cached build exists."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"blockdiff_cpu_{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+            os.replace(built, target)  # atomic: concurrent builders leave one whole file
+    return target
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None where they cannot be built (the reason is logged)."""
+    if os.environ.get("BLOCKDIFF_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    try:
+        # torch is loaded already, so the library's libgomp.so.1 resolves to torch's own OpenMP
+        # runtime: the kernels share torch's thread pool instead of starting a second one
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", "") or error
+        log.warning("blockdiff's fused CPU kernels are unavailable, using ATen ops: %s", detail)
+        return None
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    return lib
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def applies(x: torch.Tensor) -> bool:
+    """Whether a forward over `x` runs through the kernels: on the CPU, in bf16 or float32,
+    without gradients (training keeps autograd's ATen ops), with the library built."""
+    return x.device.type == "cpu" and x.dtype in DTYPE_CODES and not torch.is_grad_enabled() and available()
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., dim) -> (..., dim): RMSNorm with the reference models' rounding (cpu_kernels.c)."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    library().bd_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), x.numel() // x.shape[-1],
+                          x.shape[-1], eps, DTYPE_CODES[x.dtype])
+    return out
+
+
+def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
+               k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    """qkv (B, T, H + 2*Hkv, D) -> rotated queries (B, T, H, D); the rotated keys and the values
+    go to slots starts[b] + t of the (B, Hkv, capacity, D) caches. cos, sin: (B, T, 1, D)."""
+    B, T, heads, D = qkv.shape
+    Hkv = (heads - num_heads) // 2
+    qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
+    _check_cache(k_cache, v_cache, qkv.dtype)
+    starts = starts.contiguous()
+    q = qkv.new_empty(B, T, num_heads, D)
+    library().bd_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
+                            v_cache.data_ptr(), starts.data_ptr(), B, T, num_heads, Hkv, D, k_cache.stride(0),
+                            k_cache.stride(1), DTYPE_CODES[qkv.dtype])
+    return q
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, span: int,
+              visible: torch.Tensor | None) -> torch.Tensor:
+    """q (B, T, H, D) over the first `span` slots of the (B, Hkv, capacity, D) caches -> (B, T, H*D).
+    visible: (B, T, span) contiguous bool, or None when every query sees every key."""
+    B, T, H, D = q.shape
+    q = q.contiguous()
+    _check_cache(k_cache, v_cache, q.dtype)
+    if visible is not None and (visible.shape != (B, T, span) or not visible.is_contiguous()):
+        raise ValueError(f"visibility must be a contiguous ({B}, {T}, {span}) tensor, got {tuple(visible.shape)}")
+    out = q.new_empty(B, T, H * D)
+    library().bd_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                           None if visible is None else visible.data_ptr(), out.data_ptr(), B, T, H,
+                           k_cache.shape[1], D, span, k_cache.stride(0), k_cache.stride(1), D ** -0.5,
+                           DTYPE_CODES[q.dtype])
+    return out
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtype) -> None:
+    """The kernels address a cache as rows of heads of contiguous slots; both caches alike."""
+    if k_cache.dtype != dtype or v_cache.dtype != dtype:
+        raise ValueError(f"the KV cache is {k_cache.dtype}, the activations {dtype}")
+    if k_cache.stride() != v_cache.stride() or k_cache.stride()[1:] != (k_cache.shape[2] * k_cache.shape[3], k_cache.shape[3], 1):
+        raise ValueError(f"the KV cache's layout {k_cache.stride()} is not rows of contiguous heads")

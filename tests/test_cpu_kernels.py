@@ -1,0 +1,154 @@
+"""The fused CPU kernels (model/cpu_kernels.c) against the ATen ops they replace.
+
+RoPE with the cache write and RMSNorm round exactly where the ATen path rounds, so they must
+match it bit for bit; attention sums in another order, so it must match to float32
+precision, and each of its rows must not depend on the width, the span, the batch or the
+threads (tests/test_width_invariance.py runs the end-to-end streams through it).
+"""
+import platform
+import shutil
+
+import pytest
+import torch
+
+from blockdiff.model import cpu_kernels
+from blockdiff.model.attention import grouped_attention, key_bias
+from blockdiff.model.kv_cache import KVCache, aligned
+from blockdiff.model.rope import apply_rotary
+from blockdiff.model.transformer import RMSNorm
+from support.models import tiny_model
+
+DTYPES = [torch.float32, torch.bfloat16]
+BUILDABLE = platform.machine() == "x86_64" and shutil.which("cc") is not None
+
+pytestmark = pytest.mark.skipif(not BUILDABLE, reason="the kernels are built for x86-64 with a C compiler")
+
+
+def test_the_kernels_build_and_take_over_cpu_inference():
+    assert cpu_kernels.available()
+    x = torch.zeros(2, 3)
+    with torch.inference_mode():
+        assert cpu_kernels.applies(x) and cpu_kernels.applies(x.bfloat16())
+        assert not cpu_kernels.applies(x.double())
+    assert not cpu_kernels.applies(x)  # gradients on: training's autograd ops
+
+
+def causal_visibility(B: int, cached: int, width: int, span: int) -> torch.Tensor:
+    """(B, T, span): query t sees the cache and the new tokens up to itself."""
+    visible = torch.zeros(B, width, span, dtype=torch.bool)
+    for t in range(width):
+        visible[:, t, :cached + t + 1] = True
+    return visible
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("head_dim", [64, 24])  # 24: the portable path, past the vector code's widths
+@torch.inference_mode()
+def test_attention_matches_aten_and_its_rows_do_not_depend_on_width_span_or_threads(dtype, head_dim):
+    torch.manual_seed(0)
+    B, H, Hkv, D = 2, 9, 3, head_dim
+    k = (torch.randn(B, Hkv, 640, D) * 3).to(dtype)  # scaled up: peaked softmaxes, as in a real model
+    v = torch.randn(B, Hkv, 640, D).to(dtype)
+    threads = torch.get_num_threads()
+    for cached in (3, 60, 300, 500):
+        for width in (1, 4, 33):
+            q = (torch.randn(B, width, H, D) * 3).to(dtype)
+            span = aligned(cached + width)
+            visible = causal_visibility(B, cached, width, span)
+            wide = cpu_kernels.attention(q, k, v, span, visible)  # (B, T, H*D)
+            reference = grouped_attention(q, k[:, :, :span], v[:, :, :span], key_bias(visible[:, None]))
+            torch.testing.assert_close(wide.float(), reference.float(), atol=2e-5 if dtype == torch.float32 else 1e-2, rtol=1e-2)
+            for t in range(width):
+                own = cached + t + 1  # the query alone, over exactly the keys it sees
+                assert torch.equal(wide[:, t:t + 1], cpu_kernels.attention(q[:, t:t + 1], k, v, own, None))
+                assert torch.equal(wide[1:, t:t + 1], cpu_kernels.attention(q[1:, t:t + 1], k[1:], v[1:], own, None))
+            torch.set_num_threads(1)
+            try:
+                assert torch.equal(wide, cpu_kernels.attention(q, k, v, span, visible))
+            finally:
+                torch.set_num_threads(threads)
+
+
+@torch.inference_mode()
+def test_attention_skips_unseen_keys_and_gives_a_query_that_sees_none_zeros():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 3, 4, 64), torch.randn(1, 2, 64, 64), torch.randn(1, 2, 64, 64)
+    visible = torch.zeros(1, 3, 64, dtype=torch.bool)
+    visible[0, 0, ::3] = True  # holes, as quad_spec's fused pass has
+    visible[0, 1, 10:20] = True
+    out = cpu_kernels.attention(q, k, v, 64, visible)
+    poisoned = k.clone()
+    poisoned[:, :, 1::3] = float("nan")  # keys query 0 does not see
+    assert torch.equal(cpu_kernels.attention(q[:, :1], poisoned, v, 64, visible[:, :1]), out[:, :1])
+    reference = grouped_attention(q[:, :2], k, v, key_bias(visible[:, None, :2]))
+    torch.testing.assert_close(out[:, :2], reference, atol=2e-5, rtol=1e-4)
+    assert torch.equal(out[0, 2], torch.zeros(4 * 64))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_rope_and_the_cache_write_equal_the_aten_ops(dtype):
+    """Rotated queries and keys bit for bit as apply_rotary computes them, each row's tokens at
+    its own slots, values copied, every other slot untouched."""
+    torch.manual_seed(0)
+    B, T, H, Hkv, D, capacity = 2, 5, 6, 2, 32, 64
+    qkv = torch.randn(B, T, H + 2 * Hkv, D).to(dtype)
+    angles = torch.randn(B, T, 1, D // 2)
+    cos = torch.cat([angles.cos(), angles.cos()], dim=-1).to(dtype)  # (B, T, 1, D)
+    sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(dtype)
+    starts = torch.tensor([3, 40])
+    k_cache, v_cache = torch.randn(2, B, Hkv, capacity, D).to(dtype).unbind(0)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q = cpu_kernels.rope_store(qkv, cos, sin, H, k_cache, v_cache, starts)
+    rotated = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)  # (B, T, H+Hkv, D)
+    assert torch.equal(q, rotated[:, :, :H])
+    for b, start in enumerate(starts.tolist()):
+        slots = slice(start, start + T)
+        assert torch.equal(k_cache[b, :, slots], rotated[b, :, H:].transpose(0, 1))
+        assert torch.equal(v_cache[b, :, slots], qkv[b, :, H + Hkv:].transpose(0, 1))
+        k_before[b, :, slots], v_before[b, :, slots] = k_cache[b, :, slots], v_cache[b, :, slots]
+    assert torch.equal(k_cache, k_before) and torch.equal(v_cache, v_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_rms_norm_equals_the_aten_formula(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(576, 1e-5)
+    norm.weight.data = torch.randn(576)
+    norm = norm.to(dtype)
+    x = (torch.randn(7, 576) * 4).to(dtype)
+    fused = cpu_kernels.rms_norm(x, norm.weight, norm.eps)
+    if dtype == torch.float32:
+        aten = torch.nn.functional.rms_norm(x, (576,), norm.weight, norm.eps)
+        torch.testing.assert_close(fused, aten, atol=1e-6, rtol=1e-6)  # the mean of squares sums in another order
+    else:
+        aten = norm.weight * torch.nn.functional.rms_norm(x.float(), (576,), eps=norm.eps).to(dtype)
+        assert torch.equal(fused, aten)
+    assert torch.equal(cpu_kernels.rms_norm(x[3:4], norm.weight, norm.eps), fused[3:4])
+
+
+@pytest.mark.parametrize("shape", [{}, dict(hidden_size=128, num_heads=2, num_kv_heads=1)], ids=["head_dim 8", "head_dim 64"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_a_model_forward_through_the_kernels_matches_the_aten_forward(monkeypatch, dtype, shape):
+    """Cached and cache-less, causal and block patterns: the same logits to rounding."""
+    model = tiny_model(**shape).to(dtype)
+    model.prepare_for_inference()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    block = torch.ones(12, 12, dtype=torch.bool).tril() | torch.block_diag(*[torch.ones(4, 4, dtype=torch.bool)] * 3)
+
+    def logits(pattern, cached: bool):
+        cache = KVCache(model.config, 2, 32, dtype) if cached else None
+        if cached:
+            model(ids[:, :5], cache=cache)
+            cache.advance(5)
+        return model.logits(model(ids[:, 5:] if cached else ids, cache=cache, pattern=pattern))
+
+    runs = [(pattern, cached) for pattern in ("causal", block) for cached in (False, True) if not (cached and pattern is block)]
+    fused = [logits(*run) for run in runs]
+    monkeypatch.setattr(cpu_kernels, "applies", lambda x: False)
+    aten = [logits(*run) for run in runs]
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for a, b in zip(fused, aten):
+        torch.testing.assert_close(a, b, **tolerance)
