@@ -128,6 +128,44 @@ def test_rms_norm_equals_the_aten_formula(dtype):
     assert torch.equal(cpu_kernels.rms_norm(x[3:4], norm.weight, norm.eps), fused[3:4])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_silu_mul_matches_the_aten_ops(dtype):
+    """silu(gate) * up of a fused gate/up product; exp is the kernels' own, so a bf16 result may
+    round the other way where silu lands on a rounding boundary."""
+    torch.manual_seed(0)
+    gate_up = (torch.randn(5, 2 * 1540) * 6).to(dtype)  # 1540: vector lanes and a scalar tail
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])  # exp's overflow and underflow ends
+    fused = cpu_kernels.silu_mul(gate_up)
+    g, u = gate_up.chunk(2, dim=-1)
+    aten = torch.nn.functional.silu(g) * u
+    torch.testing.assert_close(fused, aten, atol=1e-6, rtol=1e-5 if dtype == torch.float32 else 8e-3)
+    assert torch.equal(cpu_kernels.silu_mul(gate_up[2:3]), fused[2:3])
+
+
+@torch.inference_mode()
+def test_the_vector_code_computes_what_the_portable_code_computes(monkeypatch):
+    """A CPU without AVX2 runs the portable C; this machine's build, its vector code. Each
+    computes the same operations in the same order, so the two agree bit for bit."""
+    portable = cpu_kernels.load(cpu_kernels.build(tuple(f if f != "-march=native" else "-march=x86-64"
+                                                        for f in cpu_kernels.FLAGS)))
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 4, 64) * 3, torch.randn(2, 2, 128, 64) * 3, torch.randn(2, 2, 128, 64)
+    visible = causal_visibility(2, 70, 5, 128)
+    x, weight, gate_up = torch.randn(3, 96) * 3, torch.randn(96), torch.randn(3, 2 * 100) * 6
+
+    def outputs():
+        results = []
+        for dtype in DTYPES:
+            results += [cpu_kernels.attention(q.to(dtype), k.to(dtype), v.to(dtype), 128, visible),
+                        cpu_kernels.rms_norm(x.to(dtype), weight.to(dtype), 1e-5), cpu_kernels.silu_mul(gate_up.to(dtype))]
+        return results
+
+    native = outputs()
+    monkeypatch.setattr(cpu_kernels, "library", lambda: portable)
+    assert all(torch.equal(a, b) for a, b in zip(native, outputs()))
+
+
 @pytest.mark.parametrize("shape", [{}, dict(hidden_size=128, num_heads=2, num_kv_heads=1)], ids=["head_dim 8", "head_dim 64"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @torch.inference_mode()
@@ -152,3 +190,20 @@ def test_a_model_forward_through_the_kernels_matches_the_aten_forward(monkeypatc
     tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
     for a, b in zip(fused, aten):
         torch.testing.assert_close(a, b, **tolerance)
+
+
+@torch.inference_mode()
+def test_the_wrappers_refuse_what_would_read_or_write_outside_the_tensors():
+    """The kernels take raw pointers: a shape that does not fit is an error, not a stray write."""
+    k_cache, v_cache = torch.zeros(1, 2, 64, 16), torch.zeros(1, 2, 64, 16)
+    qkv, cos = torch.randn(1, 4, 8, 16), torch.ones(1, 4, 1, 16)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_kernels.rope_store(qkv, cos, cos, 4, k_cache, v_cache, torch.tensor([61]))
+    with pytest.raises(ValueError, match="KV cache is"):
+        cpu_kernels.rope_store(qkv, cos, cos, 4, k_cache.bfloat16(), v_cache.bfloat16(), torch.tensor([0]))
+    q = torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="span of 65"):
+        cpu_kernels.attention(q, k_cache, v_cache, 65, None)
+    with pytest.raises(ValueError, match="visibility"):
+        cpu_kernels.attention(q, k_cache, v_cache, 64, torch.ones(1, 4, 32, dtype=torch.bool))
+    assert not k_cache.any() and not v_cache.any()

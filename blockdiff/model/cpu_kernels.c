@@ -1,4 +1,5 @@
-/* Fused CPU kernels for inference forwards: RMSNorm, RoPE with the KV-cache write, attention.
+/* Fused CPU kernels for inference forwards: RMSNorm, SwiGLU's activation, RoPE with the KV-cache
+ * write, attention.
  *
  * Contract (model/cpu_kernels.py builds and calls these): every output row is computed by
  * the same sequence of float operations whatever the number of rows, the batch, the span of
@@ -80,10 +81,11 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return lanes[0];
 }
 
-/* exp(x) for x <= 0 (softmax arguments), to about 2 ulp: Cody-Waite reduction by ln 2 and a
- * polynomial (Cephes' expf); elementwise arithmetic only, so vector and scalar code agree */
-static inline float exp_nonpositive(float x) {
+/* exp(x) to about 2 ulp: Cody-Waite reduction by ln 2 and a polynomial (Cephes' expf), 0 below
+ * -87 and infinity above 88; elementwise arithmetic only, so vector and scalar code agree */
+static inline float exp_approx(float x) {
     if (x < -87.0f) return 0.0f;
+    if (x > 88.0f) return INFINITY;
     float n = floorf(fmaf(x, 1.44269504088896341f, 0.5f));
     float r = fmaf(n, -0.693359375f, x);
     r = fmaf(n, 2.12194440e-4f, r);
@@ -97,6 +99,73 @@ static inline float exp_nonpositive(float x) {
     union { uint32_t u; float f; } scale = { (uint32_t)((int32_t)n + 127) << 23 };
     return p * scale.f;
 }
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define SIMD 1
+/* eight elements from i on, widened to float32 */
+static inline __m256 load8(const void *p, int64_t i, int dtype) {
+    if (dtype) {
+        __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
+    }
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* float_to_bf16 on eight lanes: round to nearest even (NaN excepted), as 32-bit patterns */
+static inline __m256i bf16_bits8(__m256 x) {
+    const __m256i u = _mm256_castps_si256(x);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i bits = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+    return _mm256_blendv_epi8(bits, _mm256_set1_epi32(0x7FC0), nan);
+}
+
+/* x rounded to bf16, kept as float32 */
+static inline __m256 round8_bf16(__m256 x) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bf16_bits8(x), 16));
+}
+
+/* eight elements stored from i on in the dtype */
+static inline void store8(void *p, int64_t i, __m256 x, int dtype) {
+    if (!dtype) {
+        _mm256_storeu_ps((float *)p + i, x);
+        return;
+    }
+    const __m256i bits = bf16_bits8(x);  /* each 32-bit lane holds a 16-bit result */
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(bits), _mm256_extracti128_si256(bits, 1));
+    _mm_storeu_si128((__m128i *)((uint16_t *)p + i), packed);
+}
+
+/* the sixteen lanes of `dot` summed in its tree: l + l+8, then l + l+4, l + l+2, l + l+1 */
+static inline float tree_sum(__m256 even, __m256 odd) {
+    __m256 eight = _mm256_add_ps(even, odd);
+    __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
+    __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+
+/* exp_approx on eight lanes, operation for operation */
+static inline __m256 exp8(__m256 x) {
+    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
+    const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
+    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 y = _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
+    return _mm256_blendv_ps(y, _mm256_set1_ps(INFINITY), overflow);
+}
+#else
+#define SIMD 0
+#endif
 
 /* out[r] = RMSNorm(x[r]) * weight for `rows` rows of `dim` values. float32: x * rsqrt(mean(x^2)
  * + eps) * weight; bf16: the normalised row rounded to bf16, then scaled by the bf16 weight and
@@ -113,6 +182,28 @@ void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int
         }
     }
     free(row);
+}
+
+/* out[r] = silu(gate) * up for rows of [gate | up] pairs of `dim` values each (a fused gate/up
+ * product's output): silu(x) = x / (1 + exp(-x)), rounded to the dtype before the product, as
+ * PyTorch's silu and mul round. */
+void bd_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t dim, int dtype) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t in = r * 2 * dim;
+        int64_t j = 0;
+#if SIMD
+        for (; j + 8 <= dim; j += 8) {
+            const __m256 g = load8(gate_up, in + j, dtype), u = load8(gate_up, in + dim + j, dtype);
+            __m256 silu = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            if (dtype) silu = round8_bf16(silu);
+            store8(out, r * dim + j, _mm256_mul_ps(silu, u), dtype);
+        }
+#endif
+        for (; j < dim; j++) {
+            const float g = load(gate_up, in + j, dtype), u = load(gate_up, in + dim + j, dtype);
+            store(out, r * dim + j, rounded(g / (1.0f + exp_approx(-g)), dtype) * u, dtype);
+        }
+    }
 }
 
 /* Rotary embedding of the query and key heads of a fused q/k/v product, and the cache write.
@@ -151,44 +242,6 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
     }
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
-#define SIMD 1
-/* eight elements from i on, widened to float32 */
-static inline __m256 load8(const void *p, int64_t i, int dtype) {
-    if (dtype) {
-        __m128i half = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(half), 16));
-    }
-    return _mm256_loadu_ps((const float *)p + i);
-}
-
-/* the sixteen lanes of `dot` summed in its tree: l + l+8, then l + l+4, l + l+2, l + l+1 */
-static inline float tree_sum(__m256 even, __m256 odd) {
-    __m256 eight = _mm256_add_ps(even, odd);
-    __m128 four = _mm_add_ps(_mm256_castps256_ps128(eight), _mm256_extractf128_ps(eight, 1));
-    __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-    return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
-}
-
-/* exp_nonpositive on eight lanes, operation for operation */
-static inline __m256 exp8_nonpositive(__m256 x) {
-    const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
-    __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
-    __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
-    r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(underflow, _mm256_mul_ps(p, _mm256_castsi256_ps(bits)));
-}
-#else
-#define SIMD 0
-#endif
 
 /* scores[i * n + j] = scale * (query i . key seen[j]) for the G queries of a group */
 static void group_scores(const float *queries, const void *k_head, const int64_t *seen, int64_t n, int64_t G,
@@ -229,16 +282,16 @@ static void softmax(float *row, int64_t n) {
 #if SIMD
     __m256 sum = _mm256_setzero_ps();
     for (; j + 8 <= n; j += 8) {
-        __m256 e = exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
         _mm256_storeu_ps(row + j, e);
         sum = _mm256_add_ps(sum, e);
     }
     _mm256_storeu_ps(lanes, sum);
 #else
     for (; j + 8 <= n; j += 8)
-        for (int l = 0; l < 8; l++) lanes[l] += row[j + l] = exp_nonpositive(row[j + l] - top);
+        for (int l = 0; l < 8; l++) lanes[l] += row[j + l] = exp_approx(row[j + l] - top);
 #endif
-    for (int l = 0; j < n; j++, l++) lanes[l] += row[j] = exp_nonpositive(row[j] - top);
+    for (int l = 0; j < n; j++, l++) lanes[l] += row[j] = exp_approx(row[j] - top);
     for (int width = 4; width > 0; width /= 2)
         for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
     for (j = 0; j < n; j++) row[j] /= lanes[0];

@@ -2,9 +2,9 @@
 
 A one-token forward of a small model is mostly small ATen ops, not products: SmolLM2-135M's
 runs about 2,200 of them, each a Python call and a dispatch, for RMSNorm's five steps, RoPE,
-the cache write and the float32 attention of model/attention.py. Here each of those is one
-call per layer, computed per row (rows independent of the width, as attention.py's contract
-requires; the C file says how), on torch's own OpenMP threads.
+the cache write, the float32 attention of model/attention.py and SwiGLU's activation. Here
+each of those is one call per layer, computed per row (rows independent of the width, as
+attention.py's contract requires; the C file says how), on torch's own OpenMP threads.
 
 The library is compiled with the system C compiler for the machine at hand (-march=native)
 and cached by source, flags and CPU; `available()` is False, and the model keeps its ATen
@@ -28,13 +28,14 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 log = logging.getLogger(__name__)
 
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "bd_rms_norm": [_P, _P, _P, _I, _I, _F, ctypes.c_int],
+    "bd_silu_mul": [_P, _P, _I, _I, ctypes.c_int],
     "bd_rope_store": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int],
     "bd_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, ctypes.c_int],
 }
@@ -55,18 +56,27 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("BLOCKDIFF_KERNEL_CACHE", Path(root) / "blockdiff" / "kernels"))
 
 
-def build() -> Path:
-    """The shared library for this CPU, compiled unless a cached build exists."""
+def build(flags: tuple[str, ...] = FLAGS) -> Path:
+    """The shared library compiled with `flags` for this CPU, unless a cached build exists."""
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"blockdiff_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
             os.replace(built, target)  # atomic: concurrent builders leave one whole file
     return target
+
+
+def load(path: Path) -> ctypes.CDLL:
+    # torch is loaded already, so the library's libgomp.so.1 resolves to torch's own OpenMP
+    # runtime: the kernels share torch's thread pool instead of starting a second one
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+    return lib
 
 
 @functools.cache
@@ -75,16 +85,11 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("BLOCKDIFF_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
-        # torch is loaded already, so the library's libgomp.so.1 resolves to torch's own OpenMP
-        # runtime: the kernels share torch's thread pool instead of starting a second one
-        lib = ctypes.CDLL(str(build()))
+        return load(build())
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         log.warning("blockdiff's fused CPU kernels are unavailable, using ATen ops: %s", detail)
         return None
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-    return lib
 
 
 def available() -> bool:
@@ -106,6 +111,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2*I) [gate | up] -> (..., I): silu(gate) * up, rounded as PyTorch rounds."""
+    gate_up = gate_up.contiguous()
+    out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    library().bd_silu_mul(gate_up.data_ptr(), out.data_ptr(), out.numel() // out.shape[-1], out.shape[-1],
+                          DTYPE_CODES[gate_up.dtype])
+    return out
+
+
 def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int,
                k_cache: torch.Tensor, v_cache: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     """qkv (B, T, H + 2*Hkv, D) -> rotated queries (B, T, H, D); the rotated keys and the values
@@ -114,6 +128,8 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     Hkv = (heads - num_heads) // 2
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     _check_cache(k_cache, v_cache, qkv.dtype)
+    if starts.shape != (B,) or starts.dtype != torch.int64 or int(starts.max()) + T > k_cache.shape[2]:
+        raise ValueError(f"{T} tokens from slots {starts.tolist()} do not fit {B} cache rows of {k_cache.shape[2]} slots")
     starts = starts.contiguous()
     q = qkv.new_empty(B, T, num_heads, D)
     library().bd_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
@@ -129,8 +145,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spa
     B, T, H, D = q.shape
     q = q.contiguous()
     _check_cache(k_cache, v_cache, q.dtype)
-    if visible is not None and (visible.shape != (B, T, span) or not visible.is_contiguous()):
-        raise ValueError(f"visibility must be a contiguous ({B}, {T}, {span}) tensor, got {tuple(visible.shape)}")
+    if span > k_cache.shape[2] or k_cache.shape[0] != B or k_cache.shape[3] != D or H % k_cache.shape[1]:
+        raise ValueError(f"queries {tuple(q.shape)} over a span of {span} keys of a {tuple(k_cache.shape)} cache")
+    if visible is not None and (visible.shape != (B, T, span) or visible.dtype != torch.bool or not visible.is_contiguous()):
+        raise ValueError(f"visibility must be a contiguous bool ({B}, {T}, {span}) tensor, got {tuple(visible.shape)} {visible.dtype}")
     out = q.new_empty(B, T, H * D)
     library().bd_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                            None if visible is None else visible.data_ptr(), out.data_ptr(), B, T, H,
@@ -145,3 +163,4 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtyp
         raise ValueError(f"the KV cache is {k_cache.dtype}, the activations {dtype}")
     if k_cache.stride() != v_cache.stride() or k_cache.stride()[1:] != (k_cache.shape[2] * k_cache.shape[3], k_cache.shape[3], 1):
         raise ValueError(f"the KV cache's layout {k_cache.stride()} is not rows of contiguous heads")
+

@@ -95,6 +95,8 @@ class MLP(nn.Module):
         self.gate_up: FusedLinear | None = None  # set by Transformer.prepare_for_inference
 
     def forward(self, x, gate):
+        if self.gate_up is not None and cpu_kernels.applies(x):
+            return self.down_proj(cpu_kernels.silu_mul(self.gate_up(x, gate)), gate)
         if self.gate_up is not None:
             g, u = self.gate_up(x, gate).chunk(2, dim=-1)  # (B, T, I) each
         else:
