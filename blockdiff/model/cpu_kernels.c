@@ -57,30 +57,6 @@ static void load_row(const void *p, int64_t offset, int64_t n, int dtype, float 
     }
 }
 
-/* sum of a[j] * b[j]: eight lanes in two accumulators, then the lanes in a fixed tree; one
- * order for every call. The AVX2 path and the portable one compute the same sums. */
-static inline float dot(const float *a, const float *b, int64_t n) {
-    int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-    for (; j + 16 <= n; j += 16) {
-        even = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), even);
-        odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), odd);
-    }
-    float lanes[16];
-    _mm256_storeu_ps(lanes, even);
-    _mm256_storeu_ps(lanes + 8, odd);
-#else
-    float lanes[16] = {0};
-    for (; j + 16 <= n; j += 16)
-        for (int l = 0; l < 16; l++) lanes[l] = fmaf(a[j + l], b[j + l], lanes[l]);
-#endif
-    for (int l = 0; j < n; j++, l++) lanes[l] = fmaf(a[j], b[j], lanes[l]);
-    for (int width = 8; width > 0; width /= 2)
-        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
-    return lanes[0];
-}
-
 /* exp(x) to about 2 ulp: Cody-Waite reduction by ln 2 and a polynomial (Cephes' expf), 0 below
  * -87 and infinity above 88; elementwise arithmetic only, so vector and scalar code agree */
 static inline float exp_approx(float x) {
@@ -166,6 +142,34 @@ static inline __m256 exp8(__m256 x) {
 #else
 #define SIMD 0
 #endif
+#if SIMD && defined(__AVX512F__)
+#define SIMD512 1
+#else
+#define SIMD512 0
+#endif
+
+/* sum of a[j] * b[j] in sixteen lanes (lane j % 16), then the lanes in a fixed tree: one order
+ * for every call, the vector code's and the portable code's alike */
+static inline float dot(const float *a, const float *b, int64_t n) {
+#if SIMD
+    if (n % 16 == 0) {
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+        for (int64_t j = 0; j < n; j += 16) {
+            even = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), even);
+            odd = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), odd);
+        }
+        return tree_sum(even, odd);
+    }
+#endif
+    float lanes[16] = {0};
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16)
+        for (int l = 0; l < 16; l++) lanes[l] = fmaf(a[j + l], b[j + l], lanes[l]);
+    for (int l = 0; j < n; j++, l++) lanes[l] = fmaf(a[j], b[j], lanes[l]);
+    for (int width = 8; width > 0; width /= 2)
+        for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
+    return lanes[0];
+}
 
 /* out[r] = RMSNorm(x[r]) * weight for `rows` rows of `dim` values. float32: x * rsqrt(mean(x^2)
  * + eps) * weight; bf16: the normalised row rounded to bf16, then scaled by the bf16 weight and
@@ -243,29 +247,6 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
 }
 
 
-/* scores[i * n + j] = scale * (query i . key seen[j]) for the G queries of a group */
-static void group_scores(const float *queries, const void *k_head, const int64_t *seen, int64_t n, int64_t G,
-                         int64_t D, float scale, int dtype, float *scores, float *key) {
-    for (int64_t j = 0; j < n; j++) {
-#if SIMD
-        if (D % 16 == 0) {
-            for (int64_t i = 0; i < G; i++) {
-                const float *query = queries + i * D;
-                __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
-                for (int64_t d = 0; d < D; d += 16) {
-                    even = _mm256_fmadd_ps(_mm256_loadu_ps(query + d), load8(k_head, seen[j] * D + d, dtype), even);
-                    odd = _mm256_fmadd_ps(_mm256_loadu_ps(query + d + 8), load8(k_head, seen[j] * D + d + 8, dtype), odd);
-                }
-                scores[i * n + j] = tree_sum(even, odd) * scale;
-            }
-            continue;
-        }
-#endif
-        load_row(k_head, seen[j] * D, D, dtype, key);
-        for (int64_t i = 0; i < G; i++) scores[i * n + j] = dot(queries + i * D, key, D) * scale;
-    }
-}
-
 /* row[0..n) -> softmax(row), in place; the sum of exps in eight lanes, then a tree */
 static void softmax(float *row, int64_t n) {
     float top = -INFINITY, lanes[8] = {0};
@@ -297,71 +278,130 @@ static void softmax(float *row, int64_t n) {
     for (j = 0; j < n; j++) row[j] /= lanes[0];
 }
 
-/* acc[0..D) = sum over j of probs[j] * value seen[j], one fused multiply-add per key in key order */
-static void weighted_values(const float *probs, const void *v_head, const int64_t *seen, int64_t n, int64_t D,
-                            int dtype, float *acc, float *value) {
-#if SIMD
-    if (D % 64 == 0) {  /* eight independent accumulators: the multiply-adds overlap */
-        for (int64_t d = 0; d < D; d += 64) {
-            __m256 a[8];
-            for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
-            for (int64_t j = 0; j < n; j++) {
-                const __m256 p = _mm256_set1_ps(probs[j]);
-                const int64_t at = seen[j] * D + d;
-                for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p, load8(v_head, at + 8 * k, dtype), a[k]);
+/* scores[i * n + j] = scale * (query i . keys[at[j]]) for G queries that see the same keys,
+ * each dot as `dot` sums it; a key is read once for all G queries */
+static void group_scores(const float *queries, const float *keys, const int64_t *at, int64_t n, int64_t G,
+                         int64_t D, float scale, float *scores) {
+#if SIMD512
+    if (D % 16 == 0 && G <= 8) {
+        for (int64_t j = 0; j < n; j++) {
+            const float *key = keys + at[j] * D;
+            __m512 acc[8];
+            for (int64_t i = 0; i < G; i++) acc[i] = _mm512_setzero_ps();
+            for (int64_t d = 0; d < D; d += 16) {
+                const __m512 k = _mm512_loadu_ps(key + d);
+                for (int64_t i = 0; i < G; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(queries + i * D + d), k, acc[i]);
             }
-            for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + d + 8 * k, a[k]);
+            for (int64_t i = 0; i < G; i++)  /* lanes 0-7 and 8-15: dot's even and odd halves */
+                scores[i * n + j] = tree_sum(_mm512_castps512_ps256(acc[i]),
+                                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[i]), 1))) * scale;
         }
         return;
     }
 #endif
-    memset(acc, 0, D * sizeof(float));
-    for (int64_t j = 0; j < n; j++) {
-        load_row(v_head, seen[j] * D, D, dtype, value);
-        for (int64_t d = 0; d < D; d++) acc[d] = fmaf(probs[j], value[d], acc[d]);
-    }
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t i = 0; i < G; i++) scores[i * n + j] = dot(queries + i * D, keys + at[j] * D, D) * scale;
 }
 
-/* The attention of one query group: G query heads (G*D floats) over the n keys listed in
- * `seen` (slot indices) of one cache head; writes G*D float32 outputs. scores: G*n scratch. */
-static void attend_group(const float *queries, const void *k_head, const void *v_head, const int64_t *seen,
-                         int64_t n, int64_t G, int64_t D, float scale, int dtype, float *scores, float *key, float *acc) {
-    group_scores(queries, k_head, seen, n, G, D, scale, dtype, scores, key);
-    for (int64_t i = 0; i < G; i++) {
-        softmax(scores + i * n, n);
-        weighted_values(scores + i * n, v_head, seen, n, D, dtype, acc + i * D, key);
+/* acc[i * D + d] = sum over j of probs[i * n + j] * values[at[j]][d] for G queries that see the
+ * same keys: one fused multiply-add per key in key order; a value is read once for all G */
+static void group_values(const float *probs, const float *values, const int64_t *at, int64_t n, int64_t G,
+                         int64_t D, float *acc) {
+#if SIMD512
+    if (D % 64 == 0 && G <= 4) {  /* G * 4 accumulators in registers */
+        for (int64_t d = 0; d < D; d += 64) {
+            __m512 a[4][4];
+            for (int64_t i = 0; i < G; i++)
+                for (int k = 0; k < 4; k++) a[i][k] = _mm512_setzero_ps();
+            for (int64_t j = 0; j < n; j++) {
+                const float *value = values + at[j] * D + d;
+                const __m512 v0 = _mm512_loadu_ps(value), v1 = _mm512_loadu_ps(value + 16);
+                const __m512 v2 = _mm512_loadu_ps(value + 32), v3 = _mm512_loadu_ps(value + 48);
+                for (int64_t i = 0; i < G; i++) {
+                    const __m512 p = _mm512_set1_ps(probs[i * n + j]);
+                    a[i][0] = _mm512_fmadd_ps(p, v0, a[i][0]);
+                    a[i][1] = _mm512_fmadd_ps(p, v1, a[i][1]);
+                    a[i][2] = _mm512_fmadd_ps(p, v2, a[i][2]);
+                    a[i][3] = _mm512_fmadd_ps(p, v3, a[i][3]);
+                }
+            }
+            for (int64_t i = 0; i < G; i++)
+                for (int k = 0; k < 4; k++) _mm512_storeu_ps(acc + i * D + d + 16 * k, a[i][k]);
+        }
+        return;
     }
+#endif
+#if SIMD
+    if (D % 64 == 0) {  /* eight independent accumulators: the multiply-adds overlap */
+        for (int64_t i = 0; i < G; i++)
+            for (int64_t d = 0; d < D; d += 64) {
+                __m256 a[8];
+                for (int k = 0; k < 8; k++) a[k] = _mm256_setzero_ps();
+                for (int64_t j = 0; j < n; j++) {
+                    const __m256 p = _mm256_set1_ps(probs[i * n + j]);
+                    const float *value = values + at[j] * D + d;
+                    for (int k = 0; k < 8; k++) a[k] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + 8 * k), a[k]);
+                }
+                for (int k = 0; k < 8; k++) _mm256_storeu_ps(acc + i * D + d + 8 * k, a[k]);
+            }
+        return;
+    }
+#endif
+    memset(acc, 0, G * D * sizeof(float));
+    for (int64_t i = 0; i < G; i++)
+        for (int64_t j = 0; j < n; j++)
+            for (int64_t d = 0; d < D; d++) acc[i * D + d] = fmaf(probs[i * n + j], values[at[j] * D + d], acc[i * D + d]);
 }
 
 /* Attention of T new queries per row over a span of cached keys, grouped as HF's repeat_kv
  * groups them (query head h reads key head h / (H / Hkv)).
  * q: (B, T, H, D); k_cache, v_cache: as in bd_rope_store; visible: (B, T, span) bytes, nonzero
  * where a query sees a key, or NULL when every query sees all `span` keys; out: (B, T, H*D).
- * A query that sees no key gets zeros. */
+ * A query that sees no key gets zeros.
+ * Work items are a row, a key head and up to QUERY_TILE consecutive queries: the keys and
+ * values any of them sees are widened to float32 once, then each query's G heads go through
+ * its own keys in slot order, as they would alone. */
+#define QUERY_TILE 8
 void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
                   int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
                   int64_t batch_stride, int64_t head_stride, float scale, int dtype) {
-    const int64_t G = H / Hkv, items = B * Hkv * T;
+    const int64_t G = H / Hkv, tiles = (T + QUERY_TILE - 1) / QUERY_TILE, items = B * Hkv * tiles;
     const int parallel = items > 1 && items * span * G * D >= 32768;
 #pragma omp parallel if (parallel)
     {
-        float *scores = malloc(G * span * sizeof(float)), *key = malloc(D * sizeof(float));
-        float *queries = malloc(G * D * sizeof(float)), *acc = malloc(G * D * sizeof(float));
-        int64_t *seen = malloc(span * sizeof(int64_t));
+        float *keys = malloc(span * D * sizeof(float)), *values = malloc(span * D * sizeof(float));
+        float *scores = malloc(G * span * sizeof(float)), *queries = malloc(G * D * sizeof(float));
+        float *acc = malloc(G * D * sizeof(float));
+        int64_t *slots = malloc(span * sizeof(int64_t)), *at = malloc(QUERY_TILE * span * sizeof(int64_t));
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
-            const int64_t b = item / (Hkv * T), g = item / T % Hkv, t = item % T, first = (b * T + t) * H + g * G;
-            const uint8_t *mask = visible ? visible + (b * T + t) * span : NULL;
-            int64_t n = 0;
-            for (int64_t s = 0; s < span; s++)
-                if (!mask || mask[s]) seen[n++] = s;
-            for (int64_t i = 0; i < G; i++) load_row(q, (first + i) * D, D, dtype, queries + i * D);
+            const int64_t b = item / (Hkv * tiles), g = item / tiles % Hkv, first = item % tiles * QUERY_TILE;
+            const int64_t count = T - first < QUERY_TILE ? T - first : QUERY_TILE;
+            const uint8_t *mask = visible ? visible + (b * T + first) * span : NULL;
+            /* the keys any query of the tile sees, and each query's own, as places among them */
+            int64_t union_size = 0, seen[QUERY_TILE] = {0};
+            for (int64_t s = 0; s < span; s++) {
+                int any = 0;
+                for (int64_t t = 0; t < count; t++) any |= !mask || mask[t * span + s];
+                if (!any) continue;
+                for (int64_t t = 0; t < count; t++)
+                    if (!mask || mask[t * span + s]) at[t * span + seen[t]++] = union_size;
+                slots[union_size++] = s;
+            }
             const int64_t cache_at = b * batch_stride + g * head_stride;
-            const char *k_head = (const char *)k_cache + cache_at * (dtype ? 2 : 4);
-            const char *v_head = (const char *)v_cache + cache_at * (dtype ? 2 : 4);
-            attend_group(queries, k_head, v_head, seen, n, G, D, scale, dtype, scores, key, acc);
-            for (int64_t j = 0; j < G * D; j++) store(out, first * D + j, acc[j], dtype);
+            for (int64_t j = 0; j < union_size; j++) {
+                load_row(k_cache, cache_at + slots[j] * D, D, dtype, keys + j * D);
+                load_row(v_cache, cache_at + slots[j] * D, D, dtype, values + j * D);
+            }
+            for (int64_t t = 0; t < count; t++) {
+                const int64_t n = seen[t], *own = at + t * span, heads = ((b * T + first + t) * H + g * G) * D;
+                load_row(q, heads, G * D, dtype, queries);
+                group_scores(queries, keys, own, n, G, D, scale, scores);
+                for (int64_t i = 0; i < G; i++) softmax(scores + i * n, n);
+                group_values(scores, values, own, n, G, D, acc);
+                for (int64_t j = 0; j < G * D; j++) store(out, heads + j, acc[j], dtype);
+            }
         }
-        free(scores); free(key); free(queries); free(acc); free(seen);
+        free(keys); free(values); free(scores); free(queries); free(acc); free(slots); free(at);
     }
 }
