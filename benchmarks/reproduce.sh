@@ -50,7 +50,7 @@ for section in "${sections[@]}"; do
             run "$section-$run_mode" $PY benchmarks/serve_load.py --model tiny --mode "${run_mode#*-}" --num-requests 64 \
                 --max-tokens 64 --concurrency 1,32 --dtype auto --threads 2
         done ;;
-    engine-targets)  # RESULTS.md, "An AMX Xeon again": llama.cpp in the batch-1 runs where it is installed
+    engine-targets)  # RESULTS.md, sessions 18-19 (AMX Xeon): llama.cpp in the batch-1 runs where it is installed
         chat=(-m blockdiff.cli bench --prompt-set chat --max-new-tokens 64 --no-hf)
         run "$section-defaults-b1" $PY "${chat[@]}" --modes linear_spec,quad_spec,diffusion,auto --batch-size 1 \
             --out "$OUT/$section-defaults-b1"
@@ -66,7 +66,12 @@ for section in "${sections[@]}"; do
         done
         run "$section-forwards" $PY benchmarks/engine.py --quantizations none,int4 --rounds 2 --num-prompts 8 \
             --max-new-tokens 64
-        run "$section-kernels" $PY benchmarks/kernels.py --rows 1,2,8,32 --repeats 5 ;;
+        run "$section-kernels" $PY benchmarks/kernels.py --rows 1,2,8,32 --repeats 5
+        run "$section-attention" $PY benchmarks/attention.py
+        for batch in 1 16; do
+            run "$section-diffusion-blocks-b$batch" $PY "${chat[@]}" --modes diffusion --block-lengths 2,4,8 \
+                --batch-size "$batch" --no-llama-cpp --out "$OUT/$section-diffusion-blocks-b$batch"
+        done ;;
     *) echo "unknown section $section" >&2; exit 2 ;;
     esac
 done
