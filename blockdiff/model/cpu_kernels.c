@@ -124,7 +124,7 @@ static inline float tree_sum(__m256 even, __m256 odd) {
 static inline __m256 exp8(__m256 x) {
     const __m256 underflow = _mm256_cmp_ps(x, _mm256_set1_ps(-87.0f), _CMP_LT_OQ);
     const __m256 overflow = _mm256_cmp_ps(x, _mm256_set1_ps(88.0f), _CMP_GT_OQ);
-    x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+    x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);  /* a NaN x stays NaN (min returns its second operand), as in exp_approx */
     __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
     __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
     r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
@@ -245,7 +245,6 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
         }
     }
 }
-
 
 /* row[0..n) -> softmax(row), in place; the sum of exps in eight lanes, then a tree */
 static void softmax(float *row, int64_t n) {
