@@ -148,6 +148,10 @@ static inline __m256 exp8(__m256 x) {
 #define SIMD512 0
 #endif
 
+/* whether this build has the vector code (AVX2 and FMA): without it, fmaf is a library call and
+ * the portable loops run several times slower than PyTorch's own ops */
+int bd_vectorized(void) { return SIMD; }
+
 /* sum of a[j] * b[j] in sixteen lanes (lane j % 16), then the lanes in a fixed tree: one order
  * for every call, the vector code's and the portable code's alike */
 static inline float dot(const float *a, const float *b, int64_t n) {

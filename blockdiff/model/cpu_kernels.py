@@ -8,7 +8,9 @@ attention.py's contract requires; the C file says how), on torch's own OpenMP th
 
 The library is compiled with the system C compiler for the machine at hand (-march=native)
 and cached by source, flags and CPU; `available()` is False, and the model keeps its ATen
-path, where there is no compiler, on non-x86 hosts, or with BLOCKDIFF_CPU_KERNELS=0. The two
+path, where there is no compiler, on non-x86 hosts, on CPUs without AVX2 and FMA (the portable
+C, which the tests compare the vector code with, is slower than ATen there), or with
+BLOCKDIFF_CPU_KERNELS=0. The two
 paths round differently in the last bits (float32 sums in another order), so one process
 uses one of them throughout: every forward of a CPU model in bf16 or float32 without
 gradients takes the kernels when they are available.
@@ -38,6 +40,7 @@ SIGNATURES = {
     "bd_silu_mul": [_P, _P, _I, _I, ctypes.c_int],
     "bd_rope_store": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int],
     "bd_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, ctypes.c_int],
+    "bd_vectorized": [],
 }
 
 
@@ -85,11 +88,15 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("BLOCKDIFF_CPU_KERNELS", "1") == "0" or platform.machine() not in ("x86_64", "AMD64"):
         return None
     try:
-        return load(build())
+        lib = load(build())
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", "") or error
         log.warning("blockdiff's fused CPU kernels are unavailable, using ATen ops: %s", detail)
         return None
+    if not lib.bd_vectorized():
+        log.info("this CPU has no AVX2 and FMA: PyTorch's own ops run the inference forwards")
+        return None
+    return lib
 
 
 def available() -> bool:
