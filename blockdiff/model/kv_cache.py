@@ -51,6 +51,12 @@ class KVCache:
     def batch(self) -> int:
         return self.lengths.shape[0]
 
+    @property
+    def starts(self) -> torch.Tensor:
+        """(B,) long: the slot each row's first new token goes to, its valid length (a static
+        cache's copy on the device, which a captured forward reads)."""
+        return self.device_lengths if self.static else self.lengths
+
     def check_room(self, num_new: int) -> int:
         """The slots a forward of `num_new` tokens needs; raises when they exceed the capacity."""
         needed = int(self.lengths.max()) + num_new
@@ -64,7 +70,7 @@ class KVCache:
         if self.static:
             self.span, self._start = self.capacity, None
             offsets = torch.arange(num_new, device=self.k.device)
-            self._slots = self.device_lengths[:, None] + offsets  # (B, T)
+            self._slots = self.starts[:, None] + offsets  # (B, T)
             return
         self.span = aligned(needed)
         if bool((self.lengths == self.lengths[0]).all()):

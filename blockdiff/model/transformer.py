@@ -78,9 +78,9 @@ class Attention(nn.Module):
         """The same computation through model/cpu_kernels.py: RoPE and the cache write in one
         call, attention in another. (B, T, hidden) -> (B, T, H*D)."""
         cos, sin, q_scale = rope
-        starts = cache.device_lengths if cache.static else cache.lengths
         k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, Hkv, capacity, D)
-        q = cpu_kernels.rope_store(self.project(x, gate), cos, sin, self.num_heads, k_cache, v_cache, starts)  # (B, T, H, D)
+        q = cpu_kernels.rope_store(self.project(x, gate), cos, sin, self.num_heads, k_cache, v_cache,
+                                   cache.starts)  # (B, T, H, D)
         if q_scale is not None:
             q = q * q_scale
         return cpu_kernels.attention(q, k_cache, v_cache, cache.span, mask.per_query)  # (B, T, H*D)
