@@ -207,3 +207,70 @@ def test_the_wrappers_refuse_what_would_read_or_write_outside_the_tensors():
     with pytest.raises(ValueError, match="visibility"):
         cpu_kernels.attention(q, k_cache, v_cache, 64, torch.ones(1, 4, 32, dtype=torch.bool))
     assert not k_cache.any() and not v_cache.any()
+
+
+def w4a8_reference(x: torch.Tensor, packed) -> torch.Tensor:
+    """cpu_w4a8.c's contract computed with torch: activations rounded to int8 per group of 32,
+    exact integer sums, then a group's two multiply-adds (in float64, so within an ulp of the
+    kernel's fused float32 ones)."""
+    from blockdiff.model.quantize import GROUP_SIZE
+    rows, inp = x.shape
+    groups = x.float().reshape(rows, inp // GROUP_SIZE, GROUP_SIZE)  # (n, G, 32)
+    amax = groups.abs().amax(-1, keepdim=True)  # (n, G, 1)
+    # a true division (`127 / amax` would multiply by a reciprocal, another rounding)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    a = (groups * inverse).round().clamp(-127, 127)  # (n, G, 32), ties to even as rint
+    scale = (amax / 127)[..., 0]  # (n, G)
+    scaled_sum = scale * a.sum(-1)  # (n, G), rounded to float32 as the kernel rounds it
+    tiles, G, _, _, _ = packed.codes.shape
+    nibbles = torch.stack([packed.codes & 15, packed.codes >> 4], -1)  # (tile, G, c, j, i, nibble)
+    codes = nibbles.permute(0, 3, 1, 2, 5, 4).reshape(tiles * 16, G, GROUP_SIZE).double()  # (out, G, 32)
+    steps = packed.steps.transpose(1, 2).reshape(tiles * 16, G).float()  # (out, G)
+    minimums = packed.minimums.transpose(1, 2).reshape(tiles * 16, G).double()
+    isum = torch.einsum("ngk,ogk->nog", a.double(), codes)  # (n, out, G), exact
+    y = torch.zeros(rows, tiles * 16, dtype=torch.float64)
+    for g in range(G):
+        y = (y + isum[..., g] * (steps[None, :, g] * scale[:, None, g]).double()).float().double()
+        y = (y + minimums[None, :, g] * scaled_sum[:, None, g].double()).float().double()
+    return y.float()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_w4a8_computes_its_documented_arithmetic_and_rows_do_not_depend_on_width(dtype):
+    from blockdiff.model.quantize import quantize_w4a8
+    torch.manual_seed(0)
+    weight = (torch.randn(48, 160) * 0.1).to(dtype)
+    packed = quantize_w4a8(weight)
+    x = (torch.randn(11, 160) * 3).to(dtype)
+    x[3] = 0  # a row of zeros: scale 0, no division by it
+    y = packed(x)
+    assert y.dtype == dtype and y.shape == (11, 48)
+    torch.testing.assert_close(y.float(), w4a8_reference(x, packed).to(dtype).float(), atol=1e-5, rtol=1e-5)
+    assert bool((y[3] == 0).all())
+    # against the float weights: int4 steps of random weights, a few percent of the outputs' scale
+    exact = x.double() @ weight.double().T
+    assert float((y.double() - exact).abs().max()) < 0.1 * float(exact.abs().max())
+    for start, n in [(0, 1), (2, 1), (1, 4), (5, 5), (0, 9)]:
+        assert torch.equal(packed(x[start:start + n]), y[start:start + n])
+
+
+@torch.inference_mode()
+def test_w4a8_paths_agree_bit_for_bit(monkeypatch):
+    """AVX-512 VNNI, AVX2 and the portable C sum the same integers and round the same floats."""
+    from blockdiff.model.quantize import quantize_w4a8
+    torch.manual_seed(1)
+    packed = quantize_w4a8((torch.randn(64, 96) * 0.1).to(torch.bfloat16))
+    x = torch.randn(6, 96) * 2
+
+    def outputs():
+        return [packed(x.to(dtype)) for dtype in DTYPES]
+
+    builds = {march: cpu_kernels.load(cpu_kernels.build(tuple(f if f != "-march=native" else f"-march={march}"
+                                                              for f in cpu_kernels.FLAGS)))
+              for march in ("x86-64", "haswell")}
+    native = outputs()
+    assert {lib.bd_w4a8_path() for lib in builds.values()} == {0, 1}
+    for lib in builds.values():
+        monkeypatch.setattr(cpu_kernels, "library", lambda lib=lib: lib)
+        assert all(torch.equal(a, b) for a, b in zip(native, outputs()))

@@ -1,6 +1,7 @@
-"""Weight-only int4, int8 and fp16 (model/quantize.py): int4 codes reproduce Q4_1-shaped weights
+"""The quantized formats (model/quantize.py): int4 codes reproduce Q4_1-shaped weights
 exactly and round to nearest otherwise, int8 rounds each channel to nearest, fp16 multiplies
-by the weights rounded to half precision, and a quantized model decodes the same tokens in
+by the weights rounded to half precision, w4a8 computes llama.cpp's Q4_1 x Q8_1 arithmetic
+(its kernel: tests/test_cpu_kernels.py), and a quantized model decodes the same tokens in
 every lossless mode (row independence: tests/test_width_invariance.py)."""
 import pytest
 import torch
@@ -101,19 +102,19 @@ def test_the_fp16_row_check_sees_a_row_dependent_kernel(monkeypatch, kernel):
 def test_each_format_refuses_the_dtypes_it_cannot_serve():
     with pytest.raises(ValueError, match="fp16 weights serve float32 models"):
         tiny_model().to(torch.bfloat16).prepare_for_inference("fp16")
-    for quantization in ("int4", "int8"):
+    for quantization in ("int4", "int8", "w4a8"):
         with pytest.raises(ValueError, match=f"{quantization} weights serve bfloat16 and float32 models"):
             tiny_model().to(torch.float16).prepare_for_inference(quantization)
 
 
 def test_every_quantized_format_passes_the_row_check_here():
     """The check that guards each format at load (the emulated failure above shows it can fail)."""
-    for quantization in ("int4", "int8", "fp16"):
+    for quantization in ("int4", "int8", "fp16", "w4a8"):
         for dtype in quantize.FORMAT_DTYPES[quantization]:
             assert quantize.rows_are_independent(quantization, dtype), (quantization, dtype)
 
 
-@pytest.mark.parametrize("quantization", ["int4", "int8", "fp16"])
+@pytest.mark.parametrize("quantization", ["int4", "int8", "fp16", "w4a8"])
 @pytest.mark.parametrize("mode,block", [("linear_spec", 4), ("quad_spec", 3)])
 def test_quantized_spec_modes_equal_quantized_ar(mode, block, quantization):
     model = attach_random_draft_adapter(tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128))
@@ -125,13 +126,14 @@ def test_quantized_spec_modes_equal_quantized_ar(mode, block, quantization):
     assert spec == ar
 
 
-@pytest.mark.parametrize("quantization,kind", [("int4", "Int4Weight"), ("int8", "Int8Weight"), ("fp16", "Fp16Weight")])
+@pytest.mark.parametrize("quantization,kind", [("int4", "Int4Weight"), ("int8", "Int8Weight"), ("fp16", "Fp16Weight"),
+                                               ("w4a8", "W4A8Weight")])
 def test_llm_quantizes_every_product(tiny_dir, quantization, kind):
     llm = LLM(tiny_dir, dtype="float32", quantization=quantization)
     layer = llm.model.layers[0]
     assert type(layer.mlp.down_proj.packed).__name__ == kind
     assert type(layer.self_attn.qkv.packed).__name__ == kind
-    if quantization != "int4":  # int4 needs an output size divisible by 16, which tiny's head (300) is not
+    if quantization not in ("int4", "w4a8"):  # they need an output size divisible by 16, which tiny's head (300) is not
         assert type(llm.model._packed_head).__name__ == kind
     plain = LLM(tiny_dir, dtype="float32")
     a = llm.generate("the cat", max_new_tokens=8, use_tqdm=False)[0]
@@ -143,8 +145,9 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     """int4 faster in one-token steps, slower in wide passes (as on an AMX Xeon): the caller's
     rate decides, and the model is left prepared in the winner, whose timings come back."""
     from blockdiff.model import autotune
-    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("int8", 1): 1.6, ("fp16", 1): 3.0,
-            ("none", 8): 2.2, ("int4", 8): 4.0, ("int8", 8): 5.0}
+    cost = {("none", 1): 2.0, ("int4", 1): 1.0, ("int8", 1): 1.6, ("fp16", 1): 3.0, ("w4a8", 1): 1.25,
+            ("none", 8): 2.2, ("int4", 8): 4.0, ("int8", 8): 5.0, ("w4a8", 8): 5.0}
+    w4a8 = {"w4a8": 1 / 1.25} if quantize.unavailable("w4a8", torch.float32, torch.device("cpu")) is None else {}
     timed = []
 
     def fake_seconds(model, width, repeats, batch=1, drafting=False):
@@ -155,7 +158,7 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     model = tiny_model(5, vocab=64, hidden_size=64, intermediate_size=128)
     ar_only = lambda seconds: 1 / seconds(1)  # noqa: E731
     name, rates, seconds = autotune.choose_quantization(model, ar_only)
-    assert (name, rates) == ("int4", {"none": 0.5, "int4": 1.0, "int8": 0.625, "fp16": 1 / 3})
+    assert (name, rates) == ("int4", {"none": 0.5, "int4": 1.0, "int8": 0.625, "fp16": 1 / 3, **w4a8})
     assert seconds(1) == 1.0 and model.quantization == "int4"
     assert type(model.layers[0].mlp.down_proj.packed).__name__ == "Int4Weight"
     # a spec mode committing 2.5 tokens per 8-token pass: wide forwards decide
@@ -171,7 +174,7 @@ def test_auto_picks_the_format_of_the_highest_expected_rate_and_leaves_the_model
     # formats are scored best bound first: where fp16 wins (an AVX2 CPU), the slow ones that
     # come before it in QUANTIZATIONS are never timed wide
     timed.clear()
-    cost |= {("none", 1): 2.0, ("int4", 1): 4.0, ("int8", 1): 5.0, ("fp16", 1): 1.0, ("fp16", 8): 1.1}
+    cost |= {("none", 1): 2.0, ("int4", 1): 4.0, ("int8", 1): 5.0, ("fp16", 1): 1.0, ("fp16", 8): 1.1, ("w4a8", 1): 6.0}
     name, rates, _ = autotune.choose_quantization(model, with_spec, most_tokens_per_forward=2.5)
     assert name == "fp16" and rates["fp16"] == 2.5 / 1.1 and model.quantization == "fp16"
     assert [t for t in timed if t[1] == 8] == [("fp16", 8)]
@@ -184,7 +187,7 @@ def test_forward_widths_of_each_mode():
 
 def test_llm_auto_quantization_measures_every_format_and_stays_lossless(tiny_dir):
     llm = LLM(tiny_dir, dtype="float32", quantization="auto")
-    assert set(llm.quantization_rates) == {"none", "int4", "int8", "fp16"}
+    assert set(llm.quantization_rates) == {"none", "int4", "int8", "fp16", "w4a8"}
     assert all(rate > 0 for rate in llm.quantization_rates.values())
     assert llm.model.quantization == max(llm.quantization_rates, key=llm.quantization_rates.get)
     ar, spec = (llm.generate("the cat", mode=m, max_new_tokens=12, ignore_eos=True, use_tqdm=False)[0]

@@ -20,10 +20,10 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
 
 
-@pytest.fixture(scope="module", params=["none", "int4", "int8", "fp16"])
+@pytest.fixture(scope="module", params=["none", "int4", "int8", "fp16", "w4a8"])
 def native_llm(request):
     """The default model in its default dtype for this machine (bf16 where native), as it is
-    and quantized to int4 and int8; with fp16 weights in float32, the dtype that format serves. The
+    and quantized to int4, int8 and w4a8; with fp16 weights in float32, the dtype that format serves. The
     tests name their block lengths and batches speculate at every size, so nothing is timed at
     load (slow in int4 and int8 on AVX2)."""
     fixed = dict(block_lengths={}, spec_disable_batch_size=None)
@@ -32,7 +32,7 @@ def native_llm(request):
     return LLM(quantization=request.param, **fixed)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4", "int8", "fp16"])
+@pytest.mark.parametrize("quantization", ["none", "int4", "int8", "fp16", "w4a8"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
 @torch.inference_mode()

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_w4a8.c"))
+HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 log = logging.getLogger(__name__)
@@ -41,6 +42,8 @@ SIGNATURES = {
     "bd_rope_store": [_P, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, ctypes.c_int],
     "bd_attention": [_P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, ctypes.c_int],
     "bd_vectorized": [],
+    "bd_w4a8_linear": [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
+    "bd_w4a8_path": [],
 }
 
 
@@ -62,13 +65,14 @@ def _cache_dir() -> Path:
 def build(flags: tuple[str, ...] = FLAGS) -> Path:
     """The shared library compiled with `flags` for this CPU, unless a cached build exists."""
     compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
+    sources = [path.read_text() for path in (*SOURCES, HEADER)]
+    key = hashlib.sha256("\0".join([*sources, compiler, *flags, _cpu_identity()]).encode()).hexdigest()[:16]
     target = _cache_dir() / f"blockdiff_cpu_{key}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
             built = Path(scratch) / target.name
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
+            subprocess.run([compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"], check=True, capture_output=True, text=True)
             os.replace(built, target)  # atomic: concurrent builders leave one whole file
     return target
 
@@ -171,3 +175,18 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtyp
     if k_cache.stride() != v_cache.stride() or k_cache.stride()[1:] != (k_cache.shape[2] * k_cache.shape[3], k_cache.shape[3], 1):
         raise ValueError(f"the KV cache's layout {k_cache.stride()} is not rows of contiguous heads")
 
+
+
+def w4a8_linear(rows: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, out_features: int) -> torch.Tensor:
+    """(n, in) bf16/float32 -> (n, out_features): the int4-weight, int8-activation product of
+    cpu_w4a8.c over weights packed by model/quantize.py (codes uint8, d and m float16)."""
+    n, in_features = rows.shape
+    rows = rows.contiguous()
+    if (codes.dtype != torch.uint8 or codes.numel() * 2 != in_features * out_features or d.dtype != torch.float16
+            or d.shape != m.shape or d.numel() * 32 != in_features * out_features or in_features % 32 or out_features % 16):
+        raise ValueError(f"a packed w4a8 weight of {tuple(codes.shape)} codes and {tuple(d.shape)} scales does not "
+                         f"fit ({in_features} -> {out_features})")
+    out = rows.new_empty(n, out_features)
+    library().bd_w4a8_linear(rows.data_ptr(), codes.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(), n,
+                             in_features, out_features, DTYPE_CODES[rows.dtype])
+    return out

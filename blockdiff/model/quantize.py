@@ -1,6 +1,7 @@
-"""Weight-only formats for CPU inference: int4 and int8 through ATen's own kernels
-(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), and fp16 through fbgemm's
-(`quantized::linear_dynamic_fp16`).
+"""Quantized formats for CPU inference: weight-only int4 and int8 through ATen's own kernels
+(`_weight_int4pack_mm_for_cpu`, `_weight_int8pack_mm`), fp16 through fbgemm's
+(`quantized::linear_dynamic_fp16`), and w4a8 (int4 weights, int8 activations) through
+blockdiff's own kernel (model/cpu_w4a8.c).
 
 Each output row's input channels form groups of GROUP_SIZE that share a scale and a zero
 point, w = (q - 8) * scale + zero with q in 0..15: GGUF's Q4_1 layout (w = q * d + m, groups
@@ -23,6 +24,13 @@ rows, and its one- and two-row blocks sum in another order, so a product whose r
 or 2 more than a multiple of six is padded with zero rows (`Fp16Weight`; on AVX-512 its rows
 are independent without it).
 
+w4a8 stores the weights as llama.cpp's Q4_1 does (codes 0..15 in groups of 32, w = q * d + m
+with d and m in float16) and multiplies them as llama.cpp does, by activations quantized to
+int8 in groups of 32 (Q8_1): the sums over a group are exact integer dot products (AVX-512
+VNNI or AVX2), so the rows are independent by construction and a one-token product reads
+little more than the weights' bytes, while wide products cost far less than int4's. The
+activations' rounding makes it the least exact format (about 0.5% of a product's scale).
+
 Kernels are chosen by the CPU's instruction set, so every format's rows are checked on the
 machine before it is used (`rows_are_independent`).
 """
@@ -33,16 +41,19 @@ from dataclasses import dataclass
 
 import torch
 
+from blockdiff.model import cpu_kernels
+
 GROUP_SIZE = 32
-QUANTIZATIONS = ("none", "int4", "int8", "fp16")
+QUANTIZATIONS = ("none", "int4", "int8", "fp16", "w4a8")
 QUANTIZATION_CHOICES = ("auto", *QUANTIZATIONS)  # auto: measured at load (model/autotune.py)
-QUANTIZATION_HELP = ("weight-only quantization of the products, CPU only (int4: groups of 32; int8: per output "
-                     "channel; fp16: half-precision weights of a float32 model; auto: the format in which the auto "
+QUANTIZATION_HELP = ("quantization of the products, CPU only (int4: weights in groups of 32; int8: weights per output "
+                     "channel; fp16: half-precision weights of a float32 model; w4a8: int4 weights and int8 "
+                     "activations in groups of 32, llama.cpp's Q4_1 arithmetic; auto: the format in which the auto "
                      "modes are expected to decode fastest, measured when the model loads)")
 FP16_BLOCK_ROWS = 6  # fbgemm's widest row block on AVX2
 # the model dtypes each format serves (its activations' dtype)
 FORMAT_DTYPES = {"int4": (torch.bfloat16, torch.float32), "int8": (torch.bfloat16, torch.float32),
-                 "fp16": (torch.float32,)}
+                 "fp16": (torch.float32,), "w4a8": (torch.bfloat16, torch.float32)}
 
 
 @dataclass
@@ -130,9 +141,51 @@ def quantize_fp16(weight: torch.Tensor) -> Fp16Weight:
     return Fp16Weight(torch.ops.quantized.linear_prepack_fp16(weight.detach(), None))
 
 
-QuantizedWeight = Int4Weight | Int8Weight | Fp16Weight
+@dataclass
+class W4A8Weight:
+    codes: torch.Tensor  # (out/16, in/32, 4, 16, 4) uint8: cpu_w4a8.c's tiles, two codes a byte
+    steps: torch.Tensor  # (out/16, in/32, 16) float16: d of w = q * d + m, per output and group
+    minimums: torch.Tensor  # (out/16, in/32, 16) float16: m
+    out_features: int
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) -> (n, out)."""
+        return cpu_kernels.w4a8_linear(rows, self.codes, self.steps, self.minimums, self.out_features)
+
+
+def supports_w4a8(weight: torch.Tensor) -> bool:
+    return (weight.device.type == "cpu" and weight.dim() == 2 and weight.shape[0] % 16 == 0
+            and weight.shape[1] % GROUP_SIZE == 0 and weight.dtype in FORMAT_DTYPES["w4a8"] and cpu_kernels.available())
+
+
+def quantize_w4a8(weight: torch.Tensor) -> W4A8Weight:
+    """(out, in) float weight -> W4A8Weight: Q4_1's groups, codes rounded to nearest from the
+    group's minimum in steps of (max - min) / 15, both as float16 holds them."""
+    if not supports_w4a8(weight):
+        raise ValueError(f"w4a8 needs the fused CPU kernels and a bf16 or float32 CPU weight whose output size is a "
+                         f"multiple of 16 and input size a multiple of {GROUP_SIZE}; got {tuple(weight.shape)} "
+                         f"{weight.dtype} on {weight.device}")
+    out, inp = weight.shape
+    groups = weight.detach().float().reshape(out, inp // GROUP_SIZE, GROUP_SIZE)  # (out, G, 32)
+    low, high = groups.amin(-1), groups.amax(-1)  # (out, G)
+    minimums = low.half()
+    steps = ((high - low) / 15).half().clamp_min(torch.finfo(torch.float16).smallest_normal * 2 ** -10)  # (out, G)
+    codes = ((groups - minimums.float()[..., None]) / steps.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
+    # each tile of 16 outputs, each group: 4 chunks of inputs 8c..8c+7, output j's 4 bytes holding
+    # inputs 8c+i (low nibble) and 8c+4+i (high nibble)
+    split = codes.reshape(out // 16, 16, inp // GROUP_SIZE, 4, 2, 4)  # (tile, j, group, c, nibble, i)
+    split = split.permute(0, 2, 3, 1, 5, 4)  # (tile, group, c, j, i, nibble)
+    packed = (split[..., 0] | split[..., 1] << 4).contiguous()  # (tile, group, c, j, i)
+
+    def tiled(values: torch.Tensor) -> torch.Tensor:  # (out, G) -> (out/16, G, 16)
+        return values.reshape(out // 16, 16, -1).transpose(1, 2).contiguous()
+
+    return W4A8Weight(packed, tiled(steps), tiled(minimums), out)
+
+
+QuantizedWeight = Int4Weight | Int8Weight | Fp16Weight | W4A8Weight
 FORMATS = {"int4": (supports_int4, quantize_int4), "int8": (supports_int8, quantize_int8),
-           "fp16": (supports_fp16, quantize_fp16)}
+           "fp16": (supports_fp16, quantize_fp16), "w4a8": (supports_w4a8, quantize_w4a8)}
 
 
 def quantized(weight: torch.Tensor, quantization: str) -> QuantizedWeight | None:
@@ -161,12 +214,14 @@ def unavailable(quantization: str, dtype: torch.dtype, device: torch.device) -> 
     if quantization == "none":
         return None
     if device.type != "cpu":
-        return f"quantization {quantization!r} runs on the CPU only (ATen's and fbgemm's CPU kernels)"
+        return f"quantization {quantization!r} runs on the CPU only (ATen's, fbgemm's and blockdiff's CPU kernels)"
     if dtype not in FORMAT_DTYPES[quantization]:
         serves = " and ".join(str(d).removeprefix("torch.") for d in FORMAT_DTYPES[quantization])
         return f"{quantization} weights serve {serves} models; this one is {dtype}"
     if quantization == "fp16" and "fbgemm" not in torch.backends.quantized.supported_engines:
         return "fp16 weights need fbgemm, which this PyTorch build lacks"
+    if quantization == "w4a8" and not cpu_kernels.available():
+        return "w4a8 runs on blockdiff's fused CPU kernels, which this machine cannot build (an x86-64 CPU with AVX2 and FMA and a C compiler)"
     if not rows_are_independent(quantization, dtype):
         return (f"the {quantization} kernel on this CPU gives a row another result beside other rows: the spec "
                 "modes would stop equalling ar")
