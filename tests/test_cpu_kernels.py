@@ -274,3 +274,49 @@ def test_w4a8_paths_agree_bit_for_bit(monkeypatch):
     for lib in builds.values():
         monkeypatch.setattr(cpu_kernels, "library", lambda lib=lib: lib)
         assert all(torch.equal(a, b) for a, b in zip(native, outputs()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@torch.inference_mode()
+def test_the_w4a8_decoder_stack_computes_what_the_layers_compute_one_by_one(dtype):
+    """One C call for every layer: the same kernels in the same order, so the same bits, in
+    prefill, one-token steps, ragged rows and a block pattern; a forward it cannot run (an
+    adapter gate) goes through the layers in Python."""
+    model = tiny_model(4, vocab=64, hidden_size=64, intermediate_size=128).to(dtype)
+    model.prepare_for_inference("w4a8")
+    assert model._decoder_stack is not None
+    ids = torch.randint(0, 64, (2, 20))
+    block = torch.ones(6, 6, dtype=torch.bool).tril() | torch.block_diag(*[torch.ones(3, 3, dtype=torch.bool)] * 2)
+
+    def forwards():
+        cache, outputs = KVCache(model.config, 2, 32, dtype), []
+        outputs.append(model(ids[:, :9], cache=cache))
+        cache.advance(torch.tensor([9, 5]))  # ragged rows: the second keeps 5 of its 9
+        outputs.append(model(ids[:, 9:10], cache=cache))
+        cache.advance(1)
+        outputs.append(model(ids[:, 10:16], cache=cache, pattern=block))
+        outputs.append(model(ids[:, 10:16], cache=cache, adapter_gate=torch.ones(2, 6)))
+        outputs.append(model(ids[:, :7]))  # no cache
+        return outputs
+
+    calls = []
+    stack = model._decoder_stack
+    model._decoder_stack = lambda *args: calls.append(stack(*args))
+    fused = forwards()
+    assert len(calls) == 4  # the gated forward took the layers one by one
+    model._decoder_stack = None
+    assert all(torch.equal(a, b) for a, b in zip(fused, forwards()))
+
+
+def test_the_decoder_stack_refuses_caches_and_streams_that_do_not_fit():
+    model = tiny_model(4, vocab=64, hidden_size=64, intermediate_size=128)
+    model.prepare_for_inference("w4a8")
+    stack, config = model._decoder_stack, model.config
+    x, cos = torch.zeros(1, 4, 64), torch.ones(1, 4, 1, 16)
+    cache = KVCache(config, 1, 8, torch.float32)
+    with pytest.raises(ValueError, match="do not fit the decoder stack"):
+        stack(x.bfloat16(), cos, cos, 4, cache.k, cache.v, cache.starts, 4, None, 128)
+    with pytest.raises(ValueError, match="do not fit 1 cache rows"):
+        stack(x, cos, cos, 4, cache.k, cache.v, torch.tensor([cache.k.shape[3] - 2]), 4, None, 128)
+    with pytest.raises(ValueError, match="RoPE tables"):
+        stack(x, cos[:, :2], cos[:, :2], 4, cache.k, cache.v, cache.starts, 4, None, 128)

@@ -82,10 +82,12 @@ def test_attention_rows_do_not_depend_on_width_or_span(dtype):
 
 
 @torch.inference_mode()
-def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm):
+def test_every_layer_of_a_wide_forward_equals_one_token_forwards(native_llm, monkeypatch):
     """Hooks on every norm, attention, MLP and decoder layer: row t of a 12-token causal
-    forward over a cached prompt equals the output of the t-th one-token forward."""
+    forward over a cached prompt equals the output of the t-th one-token forward. (w4a8's
+    one-call stack of the layers computes what they compute: tests/test_cpu_kernels.py.)"""
     model = native_llm.model
+    monkeypatch.setattr(model, "_decoder_stack", None)
     modules = {"final norm": model.norm}
     for i, layer in enumerate(model.layers):
         modules.update({f"{i}.input_norm": layer.input_layernorm, f"{i}.attention": layer.self_attn,

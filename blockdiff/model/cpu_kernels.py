@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_w4a8.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_w4a8.c", "cpu_decoder.c"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -44,6 +44,8 @@ SIGNATURES = {
     "bd_vectorized": [],
     "bd_w4a8_linear": [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "bd_w4a8_path": [],
+    "bd_decoder_stack": [_P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F,
+                         ctypes.c_int],
 }
 
 
@@ -139,8 +141,7 @@ def rope_store(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_head
     Hkv = (heads - num_heads) // 2
     qkv, cos, sin = qkv.contiguous(), cos.contiguous(), sin.contiguous()
     _check_cache(k_cache, v_cache, qkv.dtype)
-    if starts.shape != (B,) or starts.dtype != torch.int64 or int(starts.max()) + T > k_cache.shape[2]:
-        raise ValueError(f"{T} tokens from slots {starts.tolist()} do not fit {B} cache rows of {k_cache.shape[2]} slots")
+    _check_slots(starts, T, k_cache)
     starts = starts.contiguous()
     q = qkv.new_empty(B, T, num_heads, D)
     library().bd_rope_store(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(),
@@ -156,10 +157,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, spa
     B, T, H, D = q.shape
     q = q.contiguous()
     _check_cache(k_cache, v_cache, q.dtype)
-    if span > k_cache.shape[2] or k_cache.shape[0] != B or k_cache.shape[3] != D or H % k_cache.shape[1]:
-        raise ValueError(f"queries {tuple(q.shape)} over a span of {span} keys of a {tuple(k_cache.shape)} cache")
-    if visible is not None and (visible.shape != (B, T, span) or visible.dtype != torch.bool or not visible.is_contiguous()):
-        raise ValueError(f"visibility must be a contiguous bool ({B}, {T}, {span}) tensor, got {tuple(visible.shape)} {visible.dtype}")
+    _check_span(q.shape, k_cache, span, visible)
     out = q.new_empty(B, T, H * D)
     library().bd_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                            None if visible is None else visible.data_ptr(), out.data_ptr(), B, T, H,
@@ -176,6 +174,21 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, dtype: torch.dtyp
         raise ValueError(f"the KV cache's layout {k_cache.stride()} is not rows of contiguous heads")
 
 
+def _check_slots(starts: torch.Tensor, T: int, k_cache: torch.Tensor) -> None:
+    """T new tokens from slot starts[b] on fit each of the cache's rows."""
+    B = k_cache.shape[0]
+    if starts.shape != (B,) or starts.dtype != torch.int64 or int(starts.max()) + T > k_cache.shape[2]:
+        raise ValueError(f"{T} tokens from slots {starts.tolist()} do not fit {B} cache rows of {k_cache.shape[2]} slots")
+
+
+def _check_span(query_shape: tuple[int, ...], k_cache: torch.Tensor, span: int, visible: torch.Tensor | None) -> None:
+    """(B, T, H, D) queries over the first `span` slots of the cache, through `visible`."""
+    B, T, H, D = query_shape
+    if span > k_cache.shape[2] or k_cache.shape[0] != B or k_cache.shape[3] != D or H % k_cache.shape[1]:
+        raise ValueError(f"queries {tuple(query_shape)} over a span of {span} keys of a {tuple(k_cache.shape)} cache")
+    if visible is not None and (visible.shape != (B, T, span) or visible.dtype != torch.bool or not visible.is_contiguous()):
+        raise ValueError(f"visibility must be a contiguous bool ({B}, {T}, {span}) tensor, got {tuple(visible.shape)} {visible.dtype}")
+
 
 def w4a8_linear(rows: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: torch.Tensor, out_features: int) -> torch.Tensor:
     """(n, in) bf16/float32 -> (n, out_features): the int4-weight, int8-activation product of
@@ -190,3 +203,56 @@ def w4a8_linear(rows: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: tor
     library().bd_w4a8_linear(rows.data_ptr(), codes.data_ptr(), d.data_ptr(), m.data_ptr(), out.data_ptr(), n,
                              in_features, out_features, DTYPE_CODES[rows.dtype])
     return out
+
+
+class _Product(ctypes.Structure):
+    _fields_ = [("codes", _P), ("steps", _P), ("minimums", _P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("input_norm", _P), ("post_attention_norm", _P), ("qkv", _Product), ("o", _Product),
+                ("gate_up", _Product), ("down", _Product)]
+
+
+class DecoderStack:
+    """A w4a8 model's decoder layers as one call of cpu_decoder.c. Holds every tensor it
+    points at, so the pointers stay valid while it lives; build it again when the weights change
+    (Transformer.prepare_for_inference does)."""
+
+    def __init__(self, norms: list[tuple[torch.Tensor, torch.Tensor]], products: list[tuple], eps: float):
+        """norms: each layer's (input, post-attention) RMSNorm weights; products: each layer's
+        (qkv, o, gate_up, down) W4A8Weights."""
+        self.tensors = [t for pair in norms for t in pair] + [t for ps in products for p in ps
+                                                              for t in (p.codes, p.steps, p.minimums)]
+        if not all(t.is_contiguous() for t in self.tensors):
+            raise ValueError("the decoder stack reads contiguous weights")
+
+        def product(p) -> _Product:
+            return _Product(p.codes.data_ptr(), p.steps.data_ptr(), p.minimums.data_ptr())
+
+        self.layers = (_Layer * len(norms))(*[_Layer(a.data_ptr(), b.data_ptr(), *map(product, ps))
+                                              for (a, b), ps in zip(norms, products)])
+        self.dtype = norms[0][0].dtype
+        self.eps = eps
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k: torch.Tensor,
+                 v: torch.Tensor, starts: torch.Tensor, span: int, visible: torch.Tensor | None,
+                 intermediate_size: int) -> None:
+        """x (B, T, hidden) contiguous, updated in place through every layer; k, v: the
+        (layers, B, Hkv, capacity, D) caches; the rest as `rope_store` and `attention` take them."""
+        B, T, hidden = x.shape
+        D, Hkv = k.shape[-1], k.shape[2]
+        if x.dtype != self.dtype or not x.is_contiguous() or k.shape[0] != len(self.layers) or k.stride(0) != v.stride(0):
+            raise ValueError(f"a {tuple(x.shape)} {x.dtype} stream and {tuple(k.shape)} caches do not fit the "
+                             f"decoder stack of {len(self.layers)} {self.dtype} layers")
+        cos, sin = cos.contiguous(), sin.contiguous()
+        if cos.shape != (B, T, 1, D) or sin.shape != cos.shape:
+            raise ValueError(f"RoPE tables {tuple(cos.shape)} do not fit ({B}, {T}, 1, {D})")
+        _check_cache(k[0], v[0], x.dtype)
+        _check_slots(starts, T, k[0])
+        _check_span((B, T, num_heads, D), k[0], span, visible)
+        starts = starts.contiguous()
+        library().bd_decoder_stack(x.data_ptr(), self.layers, len(self.layers), k.data_ptr(), v.data_ptr(), k.stride(0),
+                                   k.stride(1), k.stride(2), cos.data_ptr(), sin.data_ptr(), starts.data_ptr(),
+                                   None if visible is None else visible.data_ptr(), span, B, T, hidden, num_heads,
+                                   Hkv, D, intermediate_size, self.eps, D ** -0.5, DTYPE_CODES[x.dtype])

@@ -5,17 +5,19 @@ does with the cache afterwards differ (see kv_cache.py and attention_mask.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from blockdiff.config import ModelConfig
-from blockdiff.model import cpu_kernels
+from blockdiff.model import cpu_kernels, huge_pages
 from blockdiff.model.attention import grouped_attention, sdpa_attention
 from blockdiff.model.attention_mask import AttentionMask, Pattern, visibility
 from blockdiff.model.kv_cache import KVCache
 from blockdiff.model.lora import AdaptableLinear, FusedLinear, InferenceWeight, inference_weight, linear
-from blockdiff.model.quantize import QUANTIZATIONS, unavailable
+from blockdiff.model.quantize import QUANTIZATIONS, W4A8Weight, unavailable
 from blockdiff.model.rope import Rotary, apply_rotary
 from blockdiff.model.sampler_head import SamplerHead
 
@@ -132,6 +134,8 @@ class Transformer(nn.Module):
         self.sampler_head: SamplerHead | None = None  # part of a draft adapter (model/sampler_head.py)
         # decode steps through captured graphs over static caches (model/step_graphs.py), or None
         self.step_graphs = None
+        # every layer as one C call, where every product is w4a8 (model/cpu_kernels.py), or None
+        self._decoder_stack: cpu_kernels.DecoderStack | None = None
 
     def prepare_for_inference(self, quantization: str = "none") -> None:
         """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
@@ -151,6 +155,36 @@ class Transformer(nn.Module):
             mlp.down_proj.pack(quantization)
         self._packed_head = inference_weight(self.head_weight, quantization)
         self.quantization = quantization
+        self._decoder_stack = None
+        if quantization != "none":
+            self._gather_quantized_weights()
+        if quantization == "w4a8":
+            self._decoder_stack = self._build_decoder_stack()
+
+    def _build_decoder_stack(self) -> cpu_kernels.DecoderStack | None:
+        """The layers as one call when every product of every layer is w4a8 (a product whose
+        shape the format cannot take stays in the model dtype, and the layers in Python)."""
+        products = [(layer.self_attn.qkv.packed, layer.self_attn.o_proj.packed, layer.mlp.gate_up.packed,
+                     layer.mlp.down_proj.packed) for layer in self.layers]
+        if not all(isinstance(p, W4A8Weight) for ps in products for p in ps):
+            return None
+        norms = [(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
+                 for layer in self.layers]
+        return cpu_kernels.DecoderStack(norms, products, self.config.rms_norm_eps)
+
+    def _gather_quantized_weights(self) -> None:
+        """Every quantized weight's tensors into one buffer on huge pages, in the order a
+        forward reads them (model/huge_pages.py)."""
+        places = [(product, "packed") for layer in self.layers
+                  for product in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        places.append((self, "_packed_head"))
+        weights = [getattr(owner, name) for owner, name in places]
+        fields = [[f.name for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
+                  if dataclasses.is_dataclass(w) else [] for w in weights]  # fp16's packed copy is fbgemm's own
+        copies = iter(huge_pages.gather([getattr(w, f) for w, names in zip(weights, fields) for f in names]))
+        for (owner, name), weight, names in zip(places, weights, fields):
+            if names:
+                setattr(owner, name, dataclasses.replace(weight, **{f: next(copies) for f in names}))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -194,6 +228,11 @@ class Transformer(nn.Module):
         if adapter_gate is not None and (static or bool(adapter_gate.any())):
             gate = adapter_gate.to(self.device, self.dtype)[..., None]  # (B, T, 1)
         x = self.embed_tokens(input_ids.to(self.device))  # (B, T, hidden)
+        if (self._decoder_stack is not None and gate is None and rope[2] is None and isinstance(cache, KVCache)
+                and not static and cpu_kernels.applies(x)):
+            self._decoder_stack(x, cos, sin, self.config.num_heads, cache.k, cache.v, cache.starts, cache.span,
+                                mask.per_query, self.config.intermediate_size)
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, gate)
         return self.norm(x)

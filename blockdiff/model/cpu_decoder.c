@@ -1,0 +1,76 @@
+/* The decoder layers of a w4a8 model as one call: the kernels of cpu_kernels.c and cpu_w4a8.c
+ * chained in C, in the order and with the roundings of the model's Python forward
+ * (model/transformer.py's DecoderLayer with every product in w4a8), so that a forward no
+ * longer returns to Python eight times a layer. Its results are those of the layer-by-layer
+ * path bit for bit: the same kernels on the same inputs, and each residual sum rounded to the
+ * dtype as PyTorch's addition rounds it.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cpu_kernels.h"
+
+void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int64_t dim, float eps, int dtype);
+void bd_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t dim, int dtype);
+void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_out, void *k_cache, void *v_cache,
+                   const int64_t *starts, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
+                   int64_t batch_stride, int64_t head_stride, int dtype);
+void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
+                  int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
+                  int64_t batch_stride, int64_t head_stride, float scale, int dtype);
+void bd_w4a8_linear(const void *x, const uint8_t *codes, const uint16_t *d, const uint16_t *m, void *out,
+                    int64_t rows, int64_t in, int64_t outs, int dtype);
+
+/* one packed w4a8 product (model/quantize.py's W4A8Weight) */
+typedef struct {
+    const uint8_t *codes;
+    const uint16_t *steps, *minimums;
+} bd_product;
+
+/* one layer's weights; the products' shapes follow from the dimensions passed to the stack */
+typedef struct {
+    const void *input_norm, *post_attention_norm;  /* (hidden,) in the dtype */
+    bd_product qkv, o, gate_up, down;
+} bd_layer;
+
+/* x += y, rounded to the dtype */
+static void add_into(void *x, const void *y, int64_t n, int dtype) {
+    for (int64_t i = 0; i < n; i++) store(x, i, load(x, i, dtype) + load(y, i, dtype), dtype);
+}
+
+static void *scratch(int64_t elements, int dtype) { return malloc(elements * (dtype ? 2 : 4)); }
+
+/* x: (B, T, hidden), the residual stream, updated in place through `layers` layers.
+ * k_cache, v_cache: layer 0's (B, Hkv, capacity, D) caches, the next layer's `layer_stride`
+ * elements on; cos, sin, starts, visible, span: as bd_rope_store and bd_attention take them. */
+void bd_decoder_stack(void *x, const bd_layer *layers, int64_t num_layers, void *k_cache, void *v_cache,
+                      int64_t layer_stride, int64_t batch_stride, int64_t head_stride, const void *cos,
+                      const void *sin, const int64_t *starts, const uint8_t *visible, int64_t span, int64_t B,
+                      int64_t T, int64_t hidden, int64_t H, int64_t Hkv, int64_t D, int64_t intermediate,
+                      float eps, float attention_scale, int dtype) {
+    const int64_t rows = B * T, element = dtype ? 2 : 4;
+    void *normed = scratch(rows * hidden, dtype), *qkv = scratch(rows * (H + 2 * Hkv) * D, dtype);
+    void *q = scratch(rows * H * D, dtype), *attended = scratch(rows * H * D, dtype);
+    void *update = scratch(rows * hidden, dtype), *gate_up = scratch(rows * 2 * intermediate, dtype);
+    void *activated = scratch(rows * intermediate, dtype);
+    for (int64_t i = 0; i < num_layers; i++) {
+        const bd_layer *layer = layers + i;
+        char *k = (char *)k_cache + i * layer_stride * element, *v = (char *)v_cache + i * layer_stride * element;
+        bd_rms_norm(x, layer->input_norm, normed, rows, hidden, eps, dtype);
+        bd_w4a8_linear(normed, layer->qkv.codes, layer->qkv.steps, layer->qkv.minimums, qkv, rows, hidden,
+                       (H + 2 * Hkv) * D, dtype);
+        bd_rope_store(qkv, cos, sin, q, k, v, starts, B, T, H, Hkv, D, batch_stride, head_stride, dtype);
+        bd_attention(q, k, v, visible, attended, B, T, H, Hkv, D, span, batch_stride, head_stride, attention_scale,
+                     dtype);
+        bd_w4a8_linear(attended, layer->o.codes, layer->o.steps, layer->o.minimums, update, rows, H * D, hidden, dtype);
+        add_into(x, update, rows * hidden, dtype);
+        bd_rms_norm(x, layer->post_attention_norm, normed, rows, hidden, eps, dtype);
+        bd_w4a8_linear(normed, layer->gate_up.codes, layer->gate_up.steps, layer->gate_up.minimums, gate_up, rows,
+                       hidden, 2 * intermediate, dtype);
+        bd_silu_mul(gate_up, activated, rows, intermediate, dtype);
+        bd_w4a8_linear(activated, layer->down.codes, layer->down.steps, layer->down.minimums, update, rows,
+                       intermediate, hidden, dtype);
+        add_into(x, update, rows * hidden, dtype);
+    }
+    free(normed); free(qkv); free(q); free(attended); free(update); free(gate_up); free(activated);
+}
