@@ -280,13 +280,19 @@ def test_w4a8_paths_agree_bit_for_bit(monkeypatch):
 @torch.inference_mode()
 def test_the_w4a8_decoder_stack_computes_what_the_layers_compute_one_by_one(dtype):
     """One C call for every layer: the same kernels in the same order, so the same bits, in
-    prefill, one-token steps, ragged rows and a block pattern; a forward it cannot run (an
-    adapter gate) goes through the layers in Python."""
-    model = tiny_model(4, vocab=64, hidden_size=64, intermediate_size=128).to(dtype)
+    prefill, one-token steps, ragged rows and a block pattern. A draft pass's adapter (a LoRA on
+    every linear here, so on each part of the fused products) sums in another order than ATen's
+    products: the same to rounding."""
+    model = tiny_model(4, vocab=64, hidden_size=64, intermediate_size=128)
+    torch.manual_seed(1)
+    for module in model.lora_modules().values():
+        module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4) * 0.3)
+    model = model.to(dtype)
     model.prepare_for_inference("w4a8")
     assert model._decoder_stack is not None
     ids = torch.randint(0, 64, (2, 20))
     block = torch.ones(6, 6, dtype=torch.bool).tril() | torch.block_diag(*[torch.ones(3, 3, dtype=torch.bool)] * 2)
+    gate = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 1]])
 
     def forwards():
         cache, outputs = KVCache(model.config, 2, 32, dtype), []
@@ -295,17 +301,20 @@ def test_the_w4a8_decoder_stack_computes_what_the_layers_compute_one_by_one(dtyp
         outputs.append(model(ids[:, 9:10], cache=cache))
         cache.advance(1)
         outputs.append(model(ids[:, 10:16], cache=cache, pattern=block))
-        outputs.append(model(ids[:, 10:16], cache=cache, adapter_gate=torch.ones(2, 6)))
         outputs.append(model(ids[:, :7]))  # no cache
-        return outputs
+        return outputs, model(ids[:, 10:16], cache=cache, pattern=block, adapter_gate=gate)
 
     calls = []
     stack = model._decoder_stack
     model._decoder_stack = lambda *args: calls.append(stack(*args))
-    fused = forwards()
-    assert len(calls) == 4  # the gated forward took the layers one by one
+    fused, fused_draft = forwards()
+    assert len(calls) == 5
     model._decoder_stack = None
-    assert all(torch.equal(a, b) for a, b in zip(fused, forwards()))
+    layered, layered_draft = forwards()
+    assert all(torch.equal(a, b) for a, b in zip(fused, layered))
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    torch.testing.assert_close(fused_draft, layered_draft, **tolerance)
+    assert not torch.allclose(fused_draft, fused[2], **tolerance)  # the adapter changed the forward
 
 
 def test_the_decoder_stack_refuses_caches_and_streams_that_do_not_fit():
@@ -320,3 +329,19 @@ def test_the_decoder_stack_refuses_caches_and_streams_that_do_not_fit():
         stack(x, cos, cos, 4, cache.k, cache.v, torch.tensor([cache.k.shape[3] - 2]), 4, None, 128)
     with pytest.raises(ValueError, match="RoPE tables"):
         stack(x, cos[:, :2], cos[:, :2], 4, cache.k, cache.v, cache.starts, 4, None, 128)
+
+
+@torch.inference_mode()
+def test_the_decoder_stack_reads_an_adapter_attached_after_it_was_built():
+    model = tiny_model(4, vocab=64, hidden_size=64, intermediate_size=128)
+    model.prepare_for_inference("w4a8")
+    ids, gate = torch.randint(0, 64, (1, 6)), torch.ones(1, 6)
+    plain = model(ids, adapter_gate=gate)
+    torch.manual_seed(2)
+    for name, module in model.lora_modules().items():
+        if name.endswith("down_proj"):
+            module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4))
+    adapted = model(ids, adapter_gate=gate)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    model._decoder_stack = None
+    torch.testing.assert_close(adapted, model(ids, adapter_gate=gate), atol=1e-4, rtol=1e-4)

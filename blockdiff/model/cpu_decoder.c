@@ -18,6 +18,8 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
 void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
                   int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
                   int64_t batch_stride, int64_t head_stride, float scale, int dtype);
+void bd_lora_add(const void *x, const void *A, const void *B, const float *gate, float scale, void *out,
+                 int64_t rows, int64_t in, int64_t rank, int64_t width, int64_t out_stride, int64_t column, int dtype);
 void bd_w4a8_linear(const void *x, const uint8_t *codes, const uint16_t *d, const uint16_t *m, void *out,
                     int64_t rows, int64_t in, int64_t outs, int dtype);
 
@@ -27,11 +29,34 @@ typedef struct {
     const uint16_t *steps, *minimums;
 } bd_product;
 
+/* a LoRA adapter on (part of) one of a layer's products: A (rank, in), B (width, rank) in the
+ * dtype, adding to the product's output columns column .. column + width - 1 */
+typedef struct {
+    const void *A, *B;
+    int64_t product;  /* 0 qkv, 1 o, 2 gate_up, 3 down */
+    int64_t rank, column, width;
+    float scale;
+} bd_lora;
+
 /* one layer's weights; the products' shapes follow from the dimensions passed to the stack */
 typedef struct {
     const void *input_norm, *post_attention_norm;  /* (hidden,) in the dtype */
     bd_product qkv, o, gate_up, down;
+    const bd_lora *loras;
+    int64_t num_loras;
 } bd_layer;
+
+/* the adapters on product `product` of a layer, for the gated rows (gate NULL: none are) */
+static void adapt(const bd_layer *layer, int64_t product, const float *gate, const void *x, void *out,
+                  int64_t rows, int64_t in, int64_t outs, int dtype) {
+    if (!gate) return;
+    for (int64_t i = 0; i < layer->num_loras; i++) {
+        const bd_lora *lora = layer->loras + i;
+        if (lora->product == product)
+            bd_lora_add(x, lora->A, lora->B, gate, lora->scale, out, rows, in, lora->rank, lora->width, outs,
+                        lora->column, dtype);
+    }
+}
 
 /* x += y, rounded to the dtype */
 static void add_into(void *x, const void *y, int64_t n, int dtype) {
@@ -40,14 +65,15 @@ static void add_into(void *x, const void *y, int64_t n, int dtype) {
 
 static void *scratch(int64_t elements, int dtype) { return malloc(elements * (dtype ? 2 : 4)); }
 
-/* x: (B, T, hidden), the residual stream, updated in place through `layers` layers.
+/* x: (B, T, hidden), the residual stream, updated in place through `layers` layers; gate:
+ * (B, T) float32, the rows that run the layers' adapters (a draft pass), or NULL.
  * k_cache, v_cache: layer 0's (B, Hkv, capacity, D) caches, the next layer's `layer_stride`
  * elements on; cos, sin, starts, visible, span: as bd_rope_store and bd_attention take them. */
 void bd_decoder_stack(void *x, const bd_layer *layers, int64_t num_layers, void *k_cache, void *v_cache,
                       int64_t layer_stride, int64_t batch_stride, int64_t head_stride, const void *cos,
                       const void *sin, const int64_t *starts, const uint8_t *visible, int64_t span, int64_t B,
                       int64_t T, int64_t hidden, int64_t H, int64_t Hkv, int64_t D, int64_t intermediate,
-                      float eps, float attention_scale, int dtype) {
+                      float eps, float attention_scale, const float *gate, int dtype) {
     const int64_t rows = B * T, element = dtype ? 2 : 4;
     void *normed = scratch(rows * hidden, dtype), *qkv = scratch(rows * (H + 2 * Hkv) * D, dtype);
     void *q = scratch(rows * H * D, dtype), *attended = scratch(rows * H * D, dtype);
@@ -59,17 +85,21 @@ void bd_decoder_stack(void *x, const bd_layer *layers, int64_t num_layers, void 
         bd_rms_norm(x, layer->input_norm, normed, rows, hidden, eps, dtype);
         bd_w4a8_linear(normed, layer->qkv.codes, layer->qkv.steps, layer->qkv.minimums, qkv, rows, hidden,
                        (H + 2 * Hkv) * D, dtype);
+        adapt(layer, 0, gate, normed, qkv, rows, hidden, (H + 2 * Hkv) * D, dtype);
         bd_rope_store(qkv, cos, sin, q, k, v, starts, B, T, H, Hkv, D, batch_stride, head_stride, dtype);
         bd_attention(q, k, v, visible, attended, B, T, H, Hkv, D, span, batch_stride, head_stride, attention_scale,
                      dtype);
         bd_w4a8_linear(attended, layer->o.codes, layer->o.steps, layer->o.minimums, update, rows, H * D, hidden, dtype);
+        adapt(layer, 1, gate, attended, update, rows, H * D, hidden, dtype);
         add_into(x, update, rows * hidden, dtype);
         bd_rms_norm(x, layer->post_attention_norm, normed, rows, hidden, eps, dtype);
         bd_w4a8_linear(normed, layer->gate_up.codes, layer->gate_up.steps, layer->gate_up.minimums, gate_up, rows,
                        hidden, 2 * intermediate, dtype);
+        adapt(layer, 2, gate, normed, gate_up, rows, hidden, 2 * intermediate, dtype);
         bd_silu_mul(gate_up, activated, rows, intermediate, dtype);
         bd_w4a8_linear(activated, layer->down.codes, layer->down.steps, layer->down.minimums, update, rows,
                        intermediate, hidden, dtype);
+        adapt(layer, 3, gate, activated, update, rows, intermediate, hidden, dtype);
         add_into(x, update, rows * hidden, dtype);
     }
     free(normed); free(qkv); free(q); free(attended); free(update); free(gate_up); free(activated);

@@ -45,7 +45,7 @@ SIGNATURES = {
     "bd_w4a8_linear": [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "bd_w4a8_path": [],
     "bd_decoder_stack": [_P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F,
-                         ctypes.c_int],
+                         _P, ctypes.c_int],
 }
 
 
@@ -209,19 +209,26 @@ class _Product(ctypes.Structure):
     _fields_ = [("codes", _P), ("steps", _P), ("minimums", _P)]
 
 
+class _Lora(ctypes.Structure):
+    _fields_ = [("A", _P), ("B", _P), ("product", _I), ("rank", _I), ("column", _I), ("width", _I), ("scale", _F)]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [("input_norm", _P), ("post_attention_norm", _P), ("qkv", _Product), ("o", _Product),
-                ("gate_up", _Product), ("down", _Product)]
+                ("gate_up", _Product), ("down", _Product), ("loras", ctypes.POINTER(_Lora)), ("num_loras", _I)]
 
 
 class DecoderStack:
     """A w4a8 model's decoder layers as one call of cpu_decoder.c. Holds every tensor it
     points at, so the pointers stay valid while it lives; build it again when the weights change
-    (Transformer.prepare_for_inference does)."""
+    (Transformer.prepare_for_inference does). Adapters are read from their modules when a
+    gated (draft) forward runs, so one attached or replaced later is the one used."""
 
-    def __init__(self, norms: list[tuple[torch.Tensor, torch.Tensor]], products: list[tuple], eps: float):
+    def __init__(self, norms: list[tuple[torch.Tensor, torch.Tensor]], products: list[tuple], adaptable: list[list],
+                 eps: float):
         """norms: each layer's (input, post-attention) RMSNorm weights; products: each layer's
-        (qkv, o, gate_up, down) W4A8Weights."""
+        (qkv, o, gate_up, down) W4A8Weights; adaptable: each layer's (product index, module
+        with lora_A/lora_B/lora_scale, first output column) for every part of its products."""
         self.tensors = [t for pair in norms for t in pair] + [t for ps in products for p in ps
                                                               for t in (p.codes, p.steps, p.minimums)]
         if not all(t.is_contiguous() for t in self.tensors):
@@ -230,16 +237,42 @@ class DecoderStack:
         def product(p) -> _Product:
             return _Product(p.codes.data_ptr(), p.steps.data_ptr(), p.minimums.data_ptr())
 
-        self.layers = (_Layer * len(norms))(*[_Layer(a.data_ptr(), b.data_ptr(), *map(product, ps))
+        self.layers = (_Layer * len(norms))(*[_Layer(a.data_ptr(), b.data_ptr(), *map(product, ps), None, 0)
                                               for (a, b), ps in zip(norms, products)])
         self.dtype = norms[0][0].dtype
         self.eps = eps
+        self.adaptable = adaptable
+        self._adapters_seen = None  # what the layers' LoRA arrays were built from
+        self._adapter_arrays: list = []
+
+    def _sync_adapters(self) -> None:
+        """Point each layer at its modules' current LoRA weights (rebuilt only when they change)."""
+        # the arrays hold the adapters they were built from, so an id seen here is not reused
+        seen = [(id(m.lora_A), id(m.lora_B), m.lora_scale) for parts in self.adaptable for _, m, _ in parts]
+        if seen == self._adapters_seen:
+            return
+        self._adapter_arrays = []
+        for layer, parts in zip(self.layers, self.adaptable):
+            loras = []
+            for index, module, column in parts:
+                if module.lora_A is None:
+                    continue
+                A, B = module.lora_A.detach(), module.lora_B.detach()
+                if A.dtype != self.dtype or not (A.is_contiguous() and B.is_contiguous()):
+                    raise ValueError(f"an adapter of {A.dtype} or non-contiguous weights does not fit a {self.dtype} stack")
+                self._adapter_arrays += [A, B]
+                loras.append(_Lora(A.data_ptr(), B.data_ptr(), index, A.shape[0], column, B.shape[0], module.lora_scale))
+            array = (_Lora * max(len(loras), 1))(*loras)
+            self._adapter_arrays.append(array)
+            layer.loras, layer.num_loras = ctypes.cast(array, ctypes.POINTER(_Lora)), len(loras)
+        self._adapters_seen = seen
 
     def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, num_heads: int, k: torch.Tensor,
                  v: torch.Tensor, starts: torch.Tensor, span: int, visible: torch.Tensor | None,
-                 intermediate_size: int) -> None:
+                 intermediate_size: int, gate: torch.Tensor | None = None) -> None:
         """x (B, T, hidden) contiguous, updated in place through every layer; k, v: the
-        (layers, B, Hkv, capacity, D) caches; the rest as `rope_store` and `attention` take them."""
+        (layers, B, Hkv, capacity, D) caches; gate: (B, T), the rows that run the adapters, or
+        None; the rest as `rope_store` and `attention` take them."""
         B, T, hidden = x.shape
         D, Hkv = k.shape[-1], k.shape[2]
         if x.dtype != self.dtype or not x.is_contiguous() or k.shape[0] != len(self.layers) or k.stride(0) != v.stride(0):
@@ -252,7 +285,13 @@ class DecoderStack:
         _check_slots(starts, T, k[0])
         _check_span((B, T, num_heads, D), k[0], span, visible)
         starts = starts.contiguous()
+        if gate is not None:
+            if gate.numel() != B * T:
+                raise ValueError(f"an adapter gate of {tuple(gate.shape)} does not fit ({B}, {T}) tokens")
+            gate = gate.reshape(B * T).float().contiguous()
+            self._sync_adapters()
         library().bd_decoder_stack(x.data_ptr(), self.layers, len(self.layers), k.data_ptr(), v.data_ptr(), k.stride(0),
                                    k.stride(1), k.stride(2), cos.data_ptr(), sin.data_ptr(), starts.data_ptr(),
                                    None if visible is None else visible.data_ptr(), span, B, T, hidden, num_heads,
-                                   Hkv, D, intermediate_size, self.eps, D ** -0.5, DTYPE_CODES[x.dtype])
+                                   Hkv, D, intermediate_size, self.eps, D ** -0.5,
+                                   None if gate is None else gate.data_ptr(), DTYPE_CODES[x.dtype])

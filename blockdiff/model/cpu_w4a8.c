@@ -35,7 +35,9 @@
 
 #define GROUP 32
 #define TILE 16
-#define ROW_BLOCK 4
+#ifndef ROW_BLOCK
+#define ROW_BLOCK 4  /* rows a tile's codes are unpacked for at once (at most 8) */
+#endif
 #define CHUNK 64  /* bytes of one tile's codes for 8 inputs */
 #ifndef PREFETCH
 #define PREFETCH 16  /* groups ahead: 4 KB of codes */
@@ -101,7 +103,7 @@ static inline __attribute__((always_inline)) void tile_vnni(
         const uint8_t *codes, const uint16_t *d, const uint16_t *m, int64_t groups, int64_t in,
         const int8_t *a, const float *s, const float *ss, int rows, float *y) {
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    __m512 acc[ROW_BLOCK];
+    __m512 acc[8];
     for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t g = 0; g < groups; g++) {
         if (PREFETCH) {  /* codes run on into the next tile */
@@ -138,7 +140,7 @@ static inline __attribute__((always_inline)) void tile_avx2(
         const int8_t *a, const float *s, const float *ss, int rows, float *y) {
     const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
     for (int half = 0; half < 2; half++) {  /* outputs 8 * half .. 8 * half + 7 */
-        __m256 acc[ROW_BLOCK];
+        __m256 acc[8];
         for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
         for (int64_t g = 0; g < groups; g++) {
             const __m256 dg = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + g * TILE + 8 * half)));
@@ -201,12 +203,11 @@ void bd_w4a8_linear(const void *x, const uint8_t *codes, const uint16_t *d, cons
                 const int8_t *ra = a + first * in;
                 const float *rs = s + first * groups, *rss = ss + first * groups;
                 float y[ROW_BLOCK * TILE];
+#define ROWS(k) case k: tile(tile_codes, tile_d, tile_m, groups, in, ra, rs, rss, k, y); break;
                 switch (n) {  /* a constant row count per call, so the accumulators stay in registers */
-                    case 1: tile(tile_codes, tile_d, tile_m, groups, in, ra, rs, rss, 1, y); break;
-                    case 2: tile(tile_codes, tile_d, tile_m, groups, in, ra, rs, rss, 2, y); break;
-                    case 3: tile(tile_codes, tile_d, tile_m, groups, in, ra, rs, rss, 3, y); break;
-                    default: tile(tile_codes, tile_d, tile_m, groups, in, ra, rs, rss, ROW_BLOCK, y); break;
+                    ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
                 }
+#undef ROWS
                 for (int r = 0; r < n; r++)
                     for (int j = 0; j < TILE; j++) store(out, (first + r) * outs + t * TILE + j, y[r * TILE + j], dtype);
             }

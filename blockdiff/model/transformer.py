@@ -170,7 +170,14 @@ class Transformer(nn.Module):
             return None
         norms = [(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
                  for layer in self.layers]
-        return cpu_kernels.DecoderStack(norms, products, self.config.rms_norm_eps)
+        adaptable = []
+        for layer in self.layers:
+            qkv, gate_up = layer.self_attn.qkv, layer.mlp.gate_up
+            adaptable.append([(0, part, lo) for part, (lo, _) in zip(qkv.parts, qkv.columns)]
+                             + [(1, layer.self_attn.o_proj, 0)]
+                             + [(2, part, lo) for part, (lo, _) in zip(gate_up.parts, gate_up.columns)]
+                             + [(3, layer.mlp.down_proj, 0)])
+        return cpu_kernels.DecoderStack(norms, products, adaptable, self.config.rms_norm_eps)
 
     def _gather_quantized_weights(self) -> None:
         """Every quantized weight's tensors into one buffer on huge pages, in the order a
@@ -228,10 +235,10 @@ class Transformer(nn.Module):
         if adapter_gate is not None and (static or bool(adapter_gate.any())):
             gate = adapter_gate.to(self.device, self.dtype)[..., None]  # (B, T, 1)
         x = self.embed_tokens(input_ids.to(self.device))  # (B, T, hidden)
-        if (self._decoder_stack is not None and gate is None and rope[2] is None and isinstance(cache, KVCache)
-                and not static and cpu_kernels.applies(x)):
+        if (self._decoder_stack is not None and rope[2] is None and isinstance(cache, KVCache) and not static
+                and cpu_kernels.applies(x)):
             self._decoder_stack(x, cos, sin, self.config.num_heads, cache.k, cache.v, cache.starts, cache.span,
-                                mask.per_query, self.config.intermediate_size)
+                                mask.per_query, self.config.intermediate_size, gate)
             return self.norm(x)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, cache, i, gate)
