@@ -6,7 +6,8 @@ Times the 120 per-layer products of SmolLM2-135M (fused q/k/v, fused gate/up, o,
 layers) with random weights that, like a real forward's, do not fit in cache, through each
 weight format the engine can use: oneDNN-packed float32 and bf16 (`model/lora.py`'s
 `linear`, where the CPU has a bf16 path), fbgemm's fp16 weights, ATen's weight-only int8
-(`_weight_int8pack_mm`) and int4 (`model/quantize.py`), with float32 activations and, where
+(`_weight_int8pack_mm`) and int4 (`model/quantize.py`), and blockdiff's w4a8 kernel (int4
+weights, int8 activations; `model/cpu_w4a8.c`, where the fused kernels build), with float32 activations and, where
 bf16 is native, bf16 ones (the kernels take other paths). Prints milliseconds per pass: a
 lower figure at 1 row favours `ar` and small batches, at 8-32 rows the spec modes' draft and
 verify passes.
@@ -20,7 +21,8 @@ import time
 import torch
 
 from blockdiff.model.lora import linear, pack_for_cpu
-from blockdiff.model.quantize import quantize_fp16, quantize_int4, quantize_int8
+from blockdiff.model import cpu_kernels
+from blockdiff.model.quantize import quantize_fp16, quantize_int4, quantize_int8, quantize_w4a8
 
 SHAPES = [(960, 576), (3072, 576), (576, 576), (576, 1536)] * 30  # (out, in) of one forward's products
 
@@ -48,9 +50,13 @@ def formats() -> dict:
     activations, and where bf16 is native (a packed bf16 path exists) bf16 ones too."""
     out = {"float32 packed": packed_product, "fp16 weights (fbgemm)": fp16_product,
            "int8 weight-only": quantize_int8, "int4 weight-only": quantize_int4}
+    if cpu_kernels.available():
+        out["w4a8"] = quantize_w4a8
     if pack_for_cpu(torch.zeros(16, 16, dtype=torch.bfloat16)) is not None:
         out |= {"bf16 packed": in_bf16(packed_product), "int8 weight-only, bf16 activations": in_bf16(quantize_int8),
                 "int4 weight-only, bf16 activations": in_bf16(quantize_int4)}
+        if cpu_kernels.available():
+            out["w4a8, bf16 activations"] = in_bf16(quantize_w4a8)
     return out
 
 

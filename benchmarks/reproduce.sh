@@ -50,21 +50,21 @@ for section in "${sections[@]}"; do
             run "$section-$run_mode" $PY benchmarks/serve_load.py --model tiny --mode "${run_mode#*-}" --num-requests 64 \
                 --max-tokens 64 --concurrency 1,32 --dtype auto --threads 2
         done ;;
-    engine-targets)  # RESULTS.md, sessions 18-19 (AMX Xeon): llama.cpp in the batch-1 runs where it is installed
+    engine-targets)  # RESULTS.md, sessions 18-20 (AMX Xeon): llama.cpp in the batch-1 runs where it is installed
         chat=(-m blockdiff.cli bench --prompt-set chat --max-new-tokens 64 --no-hf)
         run "$section-defaults-b1" $PY "${chat[@]}" --modes linear_spec,quad_spec,diffusion,auto --batch-size 1 \
             --out "$OUT/$section-defaults-b1"
-        for quantization in int4 int8 auto; do
+        for quantization in int4 int8 w4a8 auto; do
             run "$section-$quantization-b1" $PY "${chat[@]}" --modes linear_spec,quad_spec,auto --batch-size 1 \
                 --quantization "$quantization" --out "$OUT/$section-$quantization-b1"
         done
         run "$section-defaults-b16" $PY "${chat[@]}" --modes linear_spec,quad_spec,diffusion,auto --batch-size 16 \
             --no-llama-cpp --out "$OUT/$section-defaults-b16"
-        for quantization in none int4; do
+        for quantization in none int4 w4a8; do
             run "$section-ar-b32-$quantization" $PY "${chat[@]}" --num-prompts 32 --modes ar --batch-size 1,32 \
                 --no-llama-cpp --quantization "$quantization" --out "$OUT/$section-ar-b32-$quantization"
         done
-        run "$section-forwards" $PY benchmarks/engine.py --quantizations none,int4 --rounds 2 --num-prompts 8 \
+        run "$section-forwards" $PY benchmarks/engine.py --quantizations none,int4,w4a8 --rounds 2 --num-prompts 8 \
             --max-new-tokens 64
         run "$section-kernels" $PY benchmarks/kernels.py --rows 1,2,8,32 --repeats 5
         run "$section-attention" $PY benchmarks/attention.py
