@@ -276,9 +276,12 @@ def test_w4a8_paths_agree_bit_for_bit(monkeypatch):
         assert all(torch.equal(a, b) for a, b in zip(native, outputs()))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+STACK_FORMATS = [("w4a8", torch.float32), ("w4a8", torch.bfloat16), ("none", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("quantization,dtype", STACK_FORMATS, ids=["w4a8-float32", "w4a8-bf16", "bf16 tiles"])
 @torch.inference_mode()
-def test_the_w4a8_decoder_stack_computes_what_the_layers_compute_one_by_one(dtype):
+def test_the_decoder_stack_computes_what_the_layers_compute_one_by_one(quantization, dtype):
     """One C call for every layer: the same kernels in the same order, so the same bits, in
     prefill, one-token steps, ragged rows and a block pattern. A draft pass's adapter (a LoRA on
     every linear here, so on each part of the fused products) sums in another order than ATen's
@@ -288,7 +291,9 @@ def test_the_w4a8_decoder_stack_computes_what_the_layers_compute_one_by_one(dtyp
     for module in model.lora_modules().values():
         module.attach_lora(4, 8.0, B=torch.randn(module.out_features, 4) * 0.3)
     model = model.to(dtype)
-    model.prepare_for_inference("w4a8")
+    if quantization == "none" and not cpu_kernels.bf16_tiles():
+        pytest.skip("bf16 products run on AMX tiles only")
+    model.prepare_for_inference(quantization)
     assert model._decoder_stack is not None
     ids = torch.randint(0, 64, (2, 20))
     block = torch.ones(6, 6, dtype=torch.bool).tril() | torch.block_diag(*[torch.ones(3, 3, dtype=torch.bool)] * 2)
@@ -345,3 +350,20 @@ def test_the_decoder_stack_reads_an_adapter_attached_after_it_was_built():
     assert not torch.allclose(adapted, plain, atol=1e-3)
     model._decoder_stack = None
     torch.testing.assert_close(adapted, model(ids, adapter_gate=gate), atol=1e-4, rtol=1e-4)
+
+
+@torch.inference_mode()
+def test_bf16_tile_products_round_the_float32_sums_and_keep_rows_apart():
+    if not cpu_kernels.bf16_tiles():
+        pytest.skip("bf16 products run on AMX tiles only")
+    torch.manual_seed(5)
+    weight = (torch.randn(64, 96) * 0.1).bfloat16()
+    packed = cpu_kernels.bf16_tile_weight(weight)
+    x = torch.randn(37, 96).bfloat16()
+    y = packed(x)
+    exact = x.double() @ weight.double().T  # float32 sums of exact bf16 products: within bf16 rounding
+    torch.testing.assert_close(y.double(), exact, atol=1e-3, rtol=2 ** -7)
+    assert all(torch.equal(packed(x[start:start + n]), y[start:start + n]) for start in (0, 2) for n in (1, 3, 16, 17, 35))
+    with pytest.raises(ValueError, match="does not fit a bf16 tile weight"):
+        packed(x.float())
+    assert cpu_kernels.bf16_tile_weight(weight.float()) is None and cpu_kernels.bf16_tile_weight(weight[:8]) is None

@@ -1,7 +1,7 @@
-/* The decoder layers of a w4a8 model as one call: the kernels of cpu_kernels.c and cpu_w4a8.c
- * chained in C, in the order and with the roundings of the model's Python forward
- * (model/transformer.py's DecoderLayer with every product in w4a8), so that a forward no
- * longer returns to Python eight times a layer. Its results are those of the layer-by-layer
+/* The decoder layers of a model whose products all run on blockdiff's kernels (w4a8, or bf16 on
+ * AMX tiles) as one call: the kernels of cpu_kernels.c, cpu_w4a8.c and cpu_bf16.c chained in C,
+ * in the order and with the roundings of the model's Python forward (model/transformer.py's
+ * DecoderLayer), so that a forward no longer returns to Python eight times a layer. Its results are those of the layer-by-layer
  * path bit for bit: the same kernels on the same inputs, and each residual sum rounded to the
  * dtype as PyTorch's addition rounds it.
  */
@@ -22,12 +22,22 @@ void bd_lora_add(const void *x, const void *A, const void *B, const float *gate,
                  int64_t rows, int64_t in, int64_t rank, int64_t width, int64_t out_stride, int64_t column, int dtype);
 void bd_w4a8_linear(const void *x, const uint8_t *codes, const uint16_t *d, const uint16_t *m, void *out,
                     int64_t rows, int64_t in, int64_t outs, int dtype);
+void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, int64_t rows, int64_t in,
+                    int64_t outs);
 
-/* one packed w4a8 product (model/quantize.py's W4A8Weight) */
+/* one packed product: w4a8 (kind 0, model/quantize.py's W4A8Weight) or bf16 tiles (kind 1,
+ * model/cpu_kernels.py's Bf16TileWeight) */
 typedef struct {
     const uint8_t *codes;
     const uint16_t *steps, *minimums;
+    const uint16_t *tiles;
+    int64_t kind;
 } bd_product;
+
+static void multiply(const bd_product *p, const void *x, void *out, int64_t rows, int64_t in, int64_t outs, int dtype) {
+    if (p->kind == 1) bd_bf16_linear(x, p->tiles, out, rows, in, outs);
+    else bd_w4a8_linear(x, p->codes, p->steps, p->minimums, out, rows, in, outs, dtype);
+}
 
 /* a LoRA adapter on (part of) one of a layer's products: A (rank, in), B (width, rank) in the
  * dtype, adding to the product's output columns column .. column + width - 1 */
@@ -83,22 +93,19 @@ void bd_decoder_stack(void *x, const bd_layer *layers, int64_t num_layers, void 
         const bd_layer *layer = layers + i;
         char *k = (char *)k_cache + i * layer_stride * element, *v = (char *)v_cache + i * layer_stride * element;
         bd_rms_norm(x, layer->input_norm, normed, rows, hidden, eps, dtype);
-        bd_w4a8_linear(normed, layer->qkv.codes, layer->qkv.steps, layer->qkv.minimums, qkv, rows, hidden,
-                       (H + 2 * Hkv) * D, dtype);
+        multiply(&layer->qkv, normed, qkv, rows, hidden, (H + 2 * Hkv) * D, dtype);
         adapt(layer, 0, gate, normed, qkv, rows, hidden, (H + 2 * Hkv) * D, dtype);
         bd_rope_store(qkv, cos, sin, q, k, v, starts, B, T, H, Hkv, D, batch_stride, head_stride, dtype);
         bd_attention(q, k, v, visible, attended, B, T, H, Hkv, D, span, batch_stride, head_stride, attention_scale,
                      dtype);
-        bd_w4a8_linear(attended, layer->o.codes, layer->o.steps, layer->o.minimums, update, rows, H * D, hidden, dtype);
+        multiply(&layer->o, attended, update, rows, H * D, hidden, dtype);
         adapt(layer, 1, gate, attended, update, rows, H * D, hidden, dtype);
         add_into(x, update, rows * hidden, dtype);
         bd_rms_norm(x, layer->post_attention_norm, normed, rows, hidden, eps, dtype);
-        bd_w4a8_linear(normed, layer->gate_up.codes, layer->gate_up.steps, layer->gate_up.minimums, gate_up, rows,
-                       hidden, 2 * intermediate, dtype);
+        multiply(&layer->gate_up, normed, gate_up, rows, hidden, 2 * intermediate, dtype);
         adapt(layer, 2, gate, normed, gate_up, rows, hidden, 2 * intermediate, dtype);
         bd_silu_mul(gate_up, activated, rows, intermediate, dtype);
-        bd_w4a8_linear(activated, layer->down.codes, layer->down.steps, layer->down.minimums, update, rows,
-                       intermediate, hidden, dtype);
+        multiply(&layer->down, activated, update, rows, intermediate, hidden, dtype);
         adapt(layer, 3, gate, activated, update, rows, intermediate, hidden, dtype);
         add_into(x, update, rows * hidden, dtype);
     }

@@ -25,11 +25,12 @@ import os
 import platform
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_w4a8.c", "cpu_decoder.c"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("cpu_kernels.c", "cpu_w4a8.c", "cpu_bf16.c", "cpu_decoder.c"))
 HEADER = Path(__file__).with_name("cpu_kernels.h")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
@@ -44,6 +45,8 @@ SIGNATURES = {
     "bd_vectorized": [],
     "bd_w4a8_linear": [_P, _P, _P, _P, _P, _I, _I, _I, ctypes.c_int],
     "bd_w4a8_path": [],
+    "bd_bf16_amx": [],
+    "bd_bf16_linear": [_P, _P, _P, _I, _I, _I],
     "bd_decoder_stack": [_P, _P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _F, _F,
                          _P, ctypes.c_int],
 }
@@ -205,8 +208,58 @@ def w4a8_linear(rows: torch.Tensor, codes: torch.Tensor, d: torch.Tensor, m: tor
     return out
 
 
+@dataclass
+class Bf16TileWeight:
+    """A bf16 weight in the AMX tile layout of cpu_bf16.c: for each tile of 16 outputs and block of
+    32 inputs, 16 input pairs x 16 outputs x 2 values."""
+    packed: torch.Tensor  # (out/16, in/32, 16, 16, 2) bf16
+    out_features: int
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, in) bf16 -> (n, out) bf16."""
+        n, in_features = rows.shape
+        if rows.dtype != torch.bfloat16 or in_features != self.packed.shape[1] * 32:
+            raise ValueError(f"a {tuple(rows.shape)} {rows.dtype} input does not fit a bf16 tile weight of "
+                             f"{self.packed.shape[1] * 32} inputs")
+        rows = rows.contiguous()
+        out = rows.new_empty(n, self.out_features)
+        library().bd_bf16_linear(rows.data_ptr(), self.packed.data_ptr(), out.data_ptr(), n, in_features,
+                                 self.out_features)
+        return out
+
+
+def pack_bf16_tiles(weight: torch.Tensor) -> Bf16TileWeight:
+    """(out, in) bf16 weight -> Bf16TileWeight."""
+    out, inp = weight.shape
+    tiles = weight.detach().reshape(out // 16, 16, inp // 32, 16, 2)  # (tile, j, block, pair, 2)
+    return Bf16TileWeight(tiles.permute(0, 2, 3, 1, 4).contiguous(), out)  # (tile, block, pair, j, 2)
+
+
+@functools.cache
+def bf16_tiles() -> bool:
+    """Whether bf16 products run on the AMX tile unit here: the library built with AMX, Linux
+    lending the tile registers, and a row's result checked not to depend on the rows beside it."""
+    if library() is None or not library().bd_bf16_amx():
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weight = pack_bf16_tiles(torch.randn(48, 96, generator=generator).bfloat16())
+    x = torch.randn(40, 96, generator=generator).bfloat16()
+    reference = weight(x)
+    return all(torch.equal(weight(x[start:start + n]), reference[start:start + n])
+               for start in (0, 1, 5) for n in range(1, 36))
+
+
+def bf16_tile_weight(weight: torch.Tensor) -> Bf16TileWeight | None:
+    """`weight` in the tile layout, where it is a bf16 CPU weight the unit takes (output size a
+    multiple of 16, input size of 32) on a CPU with AMX; else None."""
+    if (weight.device.type != "cpu" or weight.dtype != torch.bfloat16 or weight.dim() != 2
+            or weight.shape[0] % 16 or weight.shape[1] % 32 or not bf16_tiles()):
+        return None
+    return pack_bf16_tiles(weight)
+
+
 class _Product(ctypes.Structure):
-    _fields_ = [("codes", _P), ("steps", _P), ("minimums", _P)]
+    _fields_ = [("codes", _P), ("steps", _P), ("minimums", _P), ("tiles", _P), ("kind", _I)]
 
 
 class _Lora(ctypes.Structure):
@@ -219,7 +272,8 @@ class _Layer(ctypes.Structure):
 
 
 class DecoderStack:
-    """A w4a8 model's decoder layers as one call of cpu_decoder.c. Holds every tensor it
+    """The decoder layers of a model whose products are all W4A8Weights or Bf16TileWeights, as
+    one call of cpu_decoder.c. Holds every tensor it
     points at, so the pointers stay valid while it lives; build it again when the weights change
     (Transformer.prepare_for_inference does). Adapters are read from their modules when a
     gated (draft) forward runs, so one attached or replaced later is the one used."""
@@ -227,15 +281,19 @@ class DecoderStack:
     def __init__(self, norms: list[tuple[torch.Tensor, torch.Tensor]], products: list[tuple], adaptable: list[list],
                  eps: float):
         """norms: each layer's (input, post-attention) RMSNorm weights; products: each layer's
-        (qkv, o, gate_up, down) W4A8Weights; adaptable: each layer's (product index, module
+        (qkv, o, gate_up, down) W4A8Weights or Bf16TileWeights; adaptable: each layer's (product index, module
         with lora_A/lora_B/lora_scale, first output column) for every part of its products."""
-        self.tensors = [t for pair in norms for t in pair] + [t for ps in products for p in ps
-                                                              for t in (p.codes, p.steps, p.minimums)]
+        def tensors(p) -> tuple[torch.Tensor, ...]:
+            return (p.packed,) if isinstance(p, Bf16TileWeight) else (p.codes, p.steps, p.minimums)
+
+        self.tensors = [t for pair in norms for t in pair] + [t for ps in products for p in ps for t in tensors(p)]
         if not all(t.is_contiguous() for t in self.tensors):
             raise ValueError("the decoder stack reads contiguous weights")
 
         def product(p) -> _Product:
-            return _Product(p.codes.data_ptr(), p.steps.data_ptr(), p.minimums.data_ptr())
+            if isinstance(p, Bf16TileWeight):
+                return _Product(None, None, None, p.packed.data_ptr(), 1)
+            return _Product(p.codes.data_ptr(), p.steps.data_ptr(), p.minimums.data_ptr(), None, 0)
 
         self.layers = (_Layer * len(norms))(*[_Layer(a.data_ptr(), b.data_ptr(), *map(product, ps), None, 0)
                                               for (a, b), ps in zip(norms, products)])

@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blockdiff.model.cpu_kernels import Bf16TileWeight, bf16_tile_weight
 from blockdiff.model.quantize import QuantizedWeight, quantized
 
-# what a linear multiplies by at inference: oneDNN's packed copy, a quantized weight, or the plain weight
-InferenceWeight = torch.Tensor | QuantizedWeight | None
+# what a linear multiplies by at inference: oneDNN's packed copy, a weight for one of blockdiff's
+# or ATen's own kernels (quantized, or bf16 in AMX tiles), or the plain weight
+KernelWeight = QuantizedWeight | Bf16TileWeight
+InferenceWeight = torch.Tensor | KernelWeight | None
 
 
 def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
@@ -37,8 +40,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def inference_weight(weight: torch.Tensor, quantization: str = "none") -> InferenceWeight:
     """The copy of `weight` inference multiplies by: the quantized weight (model/quantize.py) when
-    asked for and the weight allows, else oneDNN's packed layout where it applies, else None."""
+    asked for and the weight allows, else a bf16 weight in AMX tiles (model/cpu_bf16.c) where
+    the CPU has them, else oneDNN's packed layout where it applies, else None."""
     packed = quantized(weight, quantization)
+    if packed is None:
+        packed = bf16_tile_weight(weight)
     return packed if packed is not None else pack_for_cpu(weight)
 
 
@@ -69,9 +75,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight
 
 
 def _product(rows: torch.Tensor, weight: torch.Tensor | None, packed: InferenceWeight) -> torch.Tensor:
-    """(n, in) -> (n, out); one row is computed as two, except by the quantized kernels, which
-    keep rows apart themselves (model/quantize.py)."""
-    if isinstance(packed, QuantizedWeight):
+    """(n, in) -> (n, out); one row is computed as two, except by the kernels that keep rows
+    apart themselves (model/quantize.py, model/cpu_bf16.c)."""
+    if isinstance(packed, KernelWeight):
         return packed(rows)
     n = rows.shape[0]
     if n == 1:

@@ -155,18 +155,16 @@ class Transformer(nn.Module):
             mlp.down_proj.pack(quantization)
         self._packed_head = inference_weight(self.head_weight, quantization)
         self.quantization = quantization
-        self._decoder_stack = None
-        if quantization != "none":
-            self._gather_quantized_weights()
-        if quantization == "w4a8":
-            self._decoder_stack = self._build_decoder_stack()
+        self._gather_kernel_weights()
+        self._decoder_stack = self._build_decoder_stack()
 
     def _build_decoder_stack(self) -> cpu_kernels.DecoderStack | None:
-        """The layers as one call when every product of every layer is w4a8 (a product whose
-        shape the format cannot take stays in the model dtype, and the layers in Python)."""
+        """The layers as one call when every product of every layer runs on blockdiff's own
+        kernels: w4a8, or bf16 in AMX tiles (a product in another format keeps the layers in
+        Python)."""
         products = [(layer.self_attn.qkv.packed, layer.self_attn.o_proj.packed, layer.mlp.gate_up.packed,
                      layer.mlp.down_proj.packed) for layer in self.layers]
-        if not all(isinstance(p, W4A8Weight) for ps in products for p in ps):
+        if not all(isinstance(p, W4A8Weight | cpu_kernels.Bf16TileWeight) for ps in products for p in ps):
             return None
         norms = [(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
                  for layer in self.layers]
@@ -179,16 +177,20 @@ class Transformer(nn.Module):
                              + [(3, layer.mlp.down_proj, 0)])
         return cpu_kernels.DecoderStack(norms, products, adaptable, self.config.rms_norm_eps)
 
-    def _gather_quantized_weights(self) -> None:
-        """Every quantized weight's tensors into one buffer on huge pages, in the order a
-        forward reads them (model/huge_pages.py)."""
+    def _gather_kernel_weights(self) -> None:
+        """The tensors of every weight prepared for a kernel of blockdiff's or ATen's (quantized,
+        or bf16 in AMX tiles) into one buffer on huge pages, in the order a forward reads them
+        (model/huge_pages.py)."""
         places = [(product, "packed") for layer in self.layers
                   for product in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
         places.append((self, "_packed_head"))
         weights = [getattr(owner, name) for owner, name in places]
         fields = [[f.name for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
                   if dataclasses.is_dataclass(w) else [] for w in weights]  # fp16's packed copy is fbgemm's own
-        copies = iter(huge_pages.gather([getattr(w, f) for w, names in zip(weights, fields) for f in names]))
+        tensors = [getattr(w, f) for w, names in zip(weights, fields) for f in names]
+        if not tensors:
+            return
+        copies = iter(huge_pages.gather(tensors))
         for (owner, name), weight, names in zip(places, weights, fields):
             if names:
                 setattr(owner, name, dataclasses.replace(weight, **{f: next(copies) for f in names}))

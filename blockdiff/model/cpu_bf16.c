@@ -1,0 +1,100 @@
+/* bf16 products on the AMX tile unit, for bf16 models on CPUs that have it.
+ *
+ * out (rows, outs) = x (rows, in) . W^T with W packed (model/quantize.py) as, for each tile of
+ * 16 outputs and each block of 32 inputs, 16 input pairs x 16 outputs x 2 bf16: the layout
+ * tdpbf16ps reads. Each output tile's sums accumulate in one tile register over the input
+ * blocks in order, for up to 16 rows at a time; the unit computes each row of a product on its
+ * own, so a row's result does not depend on the rows beside it.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "cpu_kernels.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512F__) && defined(__linux__)
+#define BF16_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define BF16_AMX 0
+#endif
+
+#define TILE 16        /* outputs per tile, rows per block */
+#define BLOCK 32       /* inputs per tile product */
+#define BLOCK_BYTES 1024
+#ifndef BF16_PREFETCH
+#define BF16_PREFETCH 4  /* blocks ahead */
+#endif
+
+#if BF16_AMX
+static int amx_permitted(void) {
+    static int permitted = -1;
+    if (permitted < 0)
+        permitted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+    return permitted;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t bytes_per_row[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tile 0: sums (rows x 16 float32); tile 1: inputs (rows x 32 bf16); tile 2: weights (16 input
+ * pairs x 16 outputs x 2 bf16) */
+static void configure_tiles(int rows) {
+    tile_config config = {0};
+    config.palette = 1;
+    config.rows[0] = rows, config.bytes_per_row[0] = TILE * 4;
+    config.rows[1] = rows, config.bytes_per_row[1] = BLOCK * 2;
+    config.rows[2] = BLOCK / 2, config.bytes_per_row[2] = TILE * 4;
+    _tile_loadconfig(&config);
+}
+#endif
+
+int bd_bf16_amx(void) {
+#if BF16_AMX
+    return amx_permitted();
+#else
+    return 0;
+#endif
+}
+
+/* x: (rows, in) bf16 -> out: (rows, outs) bf16; in a multiple of 32, outs of 16 */
+void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, int64_t rows, int64_t in,
+                    int64_t outs) {
+#if BF16_AMX
+    const int64_t blocks = in / BLOCK, tiles = outs / TILE;
+    const int parallel = tiles > 1 && rows * in * outs >= (1 << 16);
+#pragma omp parallel if (parallel)
+    {
+        int configured = 0;
+        float sums[TILE * TILE] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            const uint8_t *tile_weights = (const uint8_t *)weights + t * blocks * BLOCK_BYTES;
+            for (int64_t first = 0; first < rows; first += TILE) {
+                const int n = rows - first < TILE ? (int)(rows - first) : TILE;
+                if (configured != n) configure_tiles(configured = n);
+                _tile_zero(0);
+                for (int64_t b = 0; b < blocks; b++) {
+                    if (BF16_PREFETCH)
+                        for (int line = 0; line < BLOCK_BYTES; line += 64)
+                            _mm_prefetch((const char *)tile_weights + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
+                    _tile_loadd(1, x + first * in + b * BLOCK, in * 2);
+                    _tile_loadd(2, tile_weights + b * BLOCK_BYTES, TILE * 4);
+                    _tile_dpbf16ps(0, 1, 2);
+                }
+                _tile_stored(0, sums, TILE * 4);
+                for (int r = 0; r < n; r++)
+                    for (int j = 0; j < TILE; j++) out[(first + r) * outs + t * TILE + j] = float_to_bf16(sums[r * TILE + j]);
+            }
+        }
+        if (configured) _tile_release();
+    }
+#else
+    (void)x, (void)weights, (void)out, (void)rows, (void)in, (void)outs;
+    abort();  /* callers ask bd_bf16_amx() first */
+#endif
+}
