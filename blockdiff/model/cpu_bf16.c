@@ -53,6 +53,17 @@ static void configure_tiles(int rows) {
 }
 #endif
 
+#if BF16_AMX
+/* float_to_bf16 on sixteen lanes, NaN included */
+static inline __m256i bf16_bits16(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+    return _mm512_cvtepi32_epi16(bits);
+}
+#endif
+
 int bd_bf16_amx(void) {
 #if BF16_AMX
     return amx_permitted();
@@ -65,6 +76,7 @@ int bd_bf16_amx(void) {
 void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, int64_t rows, int64_t in,
                     int64_t outs) {
 #if BF16_AMX
+    if (!amx_permitted()) abort();  /* callers ask bd_bf16_amx() first; this asks Linux for the tiles too */
     const int64_t blocks = in / BLOCK, tiles = outs / TILE;
     const int parallel = tiles > 1 && rows * in * outs >= (1 << 16);
 #pragma omp parallel if (parallel)
@@ -88,7 +100,7 @@ void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, i
                 }
                 _tile_stored(0, sums, TILE * 4);
                 for (int r = 0; r < n; r++)
-                    for (int j = 0; j < TILE; j++) out[(first + r) * outs + t * TILE + j] = float_to_bf16(sums[r * TILE + j]);
+                    _mm256_storeu_si256((__m256i *)(out + (first + r) * outs + t * TILE), bf16_bits16(_mm512_load_ps(sums + r * TILE)));
             }
         }
         if (configured) _tile_release();

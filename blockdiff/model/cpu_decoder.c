@@ -7,6 +7,7 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "cpu_kernels.h"
 
@@ -40,13 +41,38 @@ static void multiply(const bd_product *p, const void *x, void *out, int64_t rows
 }
 
 /* a LoRA adapter on (part of) one of a layer's products: A (rank, in), B (width, rank) in the
- * dtype, adding to the product's output columns column .. column + width - 1 */
+ * dtype, adding to the product's output columns column .. column + width - 1; in a bf16 model on
+ * a CPU with AMX also A and B in cpu_bf16.c's tile layout (else NULL) */
 typedef struct {
     const void *A, *B;
+    const uint16_t *A_tiles, *B_tiles;
     int64_t product;  /* 0 qkv, 1 o, 2 gate_up, 3 down */
     int64_t rank, column, width;
     float scale;
 } bd_lora;
+
+/* bd_lora_add's delta with its two products on the tile unit (bf16 only) */
+static void lora_on_tiles(const bd_lora *lora, const float *gate, const uint16_t *x, uint16_t *out, int64_t rows,
+                          int64_t in, int64_t outs) {
+    int64_t gated = 0, *which = malloc(rows * sizeof(int64_t));
+    for (int64_t r = 0; r < rows; r++)
+        if (gate[r] != 0.0f) which[gated++] = r;
+    uint16_t *inputs = malloc(gated * in * 2), *inner = malloc(gated * lora->rank * 2);
+    uint16_t *delta = malloc(gated * lora->width * 2);
+    for (int64_t i = 0; i < gated; i++) memcpy(inputs + i * in, x + which[i] * in, in * 2);
+    if (gated) {
+        bd_bf16_linear(inputs, lora->A_tiles, inner, gated, in, lora->rank);
+        bd_bf16_linear(inner, lora->B_tiles, delta, gated, lora->rank, lora->width);
+    }
+    for (int64_t i = 0; i < gated; i++) {
+        const float scaled_gate = rounded(lora->scale * gate[which[i]], 1);
+        for (int64_t j = 0; j < lora->width; j++) {
+            const int64_t at = which[i] * outs + lora->column + j;
+            store(out, at, load(out, at, 1) + rounded(bf16_to_float(delta[i * lora->width + j]) * scaled_gate, 1), 1);
+        }
+    }
+    free(which); free(inputs); free(inner); free(delta);
+}
 
 /* one layer's weights; the products' shapes follow from the dimensions passed to the stack */
 typedef struct {
@@ -62,7 +88,10 @@ static void adapt(const bd_layer *layer, int64_t product, const float *gate, con
     if (!gate) return;
     for (int64_t i = 0; i < layer->num_loras; i++) {
         const bd_lora *lora = layer->loras + i;
-        if (lora->product == product)
+        if (lora->product != product) continue;
+        if (lora->A_tiles && dtype == 1)
+            lora_on_tiles(lora, gate, x, out, rows, in, outs);
+        else
             bd_lora_add(x, lora->A, lora->B, gate, lora->scale, out, rows, in, lora->rank, lora->width, outs,
                         lora->column, dtype);
     }

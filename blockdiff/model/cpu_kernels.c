@@ -23,11 +23,6 @@
 #include <immintrin.h>
 #endif
 
-/* a value as the tensor's dtype holds it: bf16 rounding, or none */
-static inline float rounded(float x, int dtype) {
-    return dtype ? bf16_to_float(float_to_bf16(x)) : x;
-}
-
 /* n elements of an array from `offset` on, widened to float32 */
 static void load_row(const void *p, int64_t offset, int64_t n, int dtype, float *out) {
     if (dtype) {

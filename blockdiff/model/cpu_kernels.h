@@ -25,4 +25,9 @@ static inline void store(void *p, int64_t i, float x, int dtype) {
     else ((float *)p)[i] = x;
 }
 
+/* a value as the tensor's dtype holds it: bf16 rounding, or none */
+static inline float rounded(float x, int dtype) {
+    return dtype ? bf16_to_float(float_to_bf16(x)) : x;
+}
+
 #endif

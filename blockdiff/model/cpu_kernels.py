@@ -263,7 +263,8 @@ class _Product(ctypes.Structure):
 
 
 class _Lora(ctypes.Structure):
-    _fields_ = [("A", _P), ("B", _P), ("product", _I), ("rank", _I), ("column", _I), ("width", _I), ("scale", _F)]
+    _fields_ = [("A", _P), ("B", _P), ("A_tiles", _P), ("B_tiles", _P), ("product", _I), ("rank", _I), ("column", _I),
+                ("width", _I), ("scale", _F)]
 
 
 class _Layer(ctypes.Structure):
@@ -318,8 +319,13 @@ class DecoderStack:
                 A, B = module.lora_A.detach(), module.lora_B.detach()
                 if A.dtype != self.dtype or not (A.is_contiguous() and B.is_contiguous()):
                     raise ValueError(f"an adapter of {A.dtype} or non-contiguous weights does not fit a {self.dtype} stack")
-                self._adapter_arrays += [A, B]
-                loras.append(_Lora(A.data_ptr(), B.data_ptr(), index, A.shape[0], column, B.shape[0], module.lora_scale))
+                # wide draft passes multiply on the tile unit where the model's products do
+                A_tiles, B_tiles = bf16_tile_weight(A), bf16_tile_weight(B)
+                tiled = A_tiles is not None and B_tiles is not None and A.shape[0] % 32 == 0
+                tiles = (A_tiles.packed.data_ptr(), B_tiles.packed.data_ptr()) if tiled else (None, None)
+                self._adapter_arrays += [A, B] + ([A_tiles, B_tiles] if tiled else [])
+                loras.append(_Lora(A.data_ptr(), B.data_ptr(), *tiles, index, A.shape[0], column, B.shape[0],
+                                   module.lora_scale))
             array = (_Lora * max(len(loras), 1))(*loras)
             self._adapter_arrays.append(array)
             layer.loras, layer.num_loras = ctypes.cast(array, ctypes.POINTER(_Lora)), len(loras)
