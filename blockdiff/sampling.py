@@ -15,12 +15,12 @@ MODES = DECODING_MODES + ("auto",)
 # (engine/block_lengths.py picks the spec modes' lengths per machine). A spec step costs
 # forwards of L (linear_spec) or L*(L+1) (quad_spec) tokens while the drafter's acceptance
 # dies after a few slots, so long blocks only add cost (benchmarks/RESULTS.md, "Engine").
-# diffusion uses 4: the shipped drafter commits about one token a pass at any block length, so
-# a longer block only widens the passes (at batch 16 on an AMX Xeon L8 ran at 0.32x ar, L4 at
-# 0.52x), and its text was better at 4 than at the 8 it trains at (perplexity 3.4-3.5 against
-# 4.6; RESULTS.md, session 19; at 32, 0.49x ar at batch 1 and worse text still). ar has no
-# blocks; the value only groups batches.
-DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 4, "linear_spec": 8, "quad_spec": 4}
+# diffusion uses 2: the shipped drafter commits about one token a pass at any block length, so
+# a longer block only widens the passes (on an AMX Xeon at batch 16: L2 0.77x ar, L4 0.44x, L8
+# 0.32x; at batch 1 L2 0.98x, L4 0.92x), and its text is better the shorter the block
+# (perplexity 2.0 at 2, 3.4 at 4, 4.6 at 8; RESULTS.md, sessions 19-20). ar has no blocks; the
+# value only groups batches.
+DEFAULT_BLOCK_LENGTHS = {"ar": 32, "diffusion": 2, "linear_spec": 8, "quad_spec": 4}
 
 
 class InvalidParameter(ValueError):
