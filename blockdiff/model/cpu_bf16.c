@@ -41,19 +41,18 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* tile 0: sums (rows x 16 float32); tile 1: inputs (rows x 32 bf16); tile 2: weights (16 input
- * pairs x 16 outputs x 2 bf16) */
+/* tiles 0 and 3: two output tiles' sums (rows x 16 float32); tile 1: inputs (rows x 32 bf16);
+ * tiles 2 and 4: the two output tiles' weights (16 input pairs x 16 outputs x 2 bf16). Two
+ * independent sums let one tile product start before the other's result is back. */
 static void configure_tiles(int rows) {
     tile_config config = {0};
     config.palette = 1;
-    config.rows[0] = rows, config.bytes_per_row[0] = TILE * 4;
+    config.rows[0] = config.rows[3] = rows, config.bytes_per_row[0] = config.bytes_per_row[3] = TILE * 4;
     config.rows[1] = rows, config.bytes_per_row[1] = BLOCK * 2;
-    config.rows[2] = BLOCK / 2, config.bytes_per_row[2] = TILE * 4;
+    config.rows[2] = config.rows[4] = BLOCK / 2, config.bytes_per_row[2] = config.bytes_per_row[4] = TILE * 4;
     _tile_loadconfig(&config);
 }
-#endif
 
-#if BF16_AMX
 /* float_to_bf16 on sixteen lanes, NaN included */
 static inline __m256i bf16_bits16(__m512 x) {
     const __m512i u = _mm512_castps_si512(x);
@@ -62,7 +61,14 @@ static inline __m256i bf16_bits16(__m512 x) {
     bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
     return _mm512_cvtepi32_epi16(bits);
 }
+
+/* rows -> bf16 outputs of one output tile, from its float32 sums */
+static void store_tile(const float *sums, uint16_t *out, int n, int64_t outs) {
+    for (int r = 0; r < n; r++)
+        _mm256_storeu_si256((__m256i *)(out + r * outs), bf16_bits16(_mm512_load_ps(sums + r * TILE)));
+}
 #endif
+
 
 int bd_bf16_amx(void) {
 #if BF16_AMX
@@ -82,25 +88,37 @@ void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, i
 #pragma omp parallel if (parallel)
     {
         int configured = 0;
-        float sums[TILE * TILE] __attribute__((aligned(64)));
+        float sums[2][TILE * TILE] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
-        for (int64_t t = 0; t < tiles; t++) {
-            const uint8_t *tile_weights = (const uint8_t *)weights + t * blocks * BLOCK_BYTES;
+        for (int64_t pair = 0; pair < (tiles + 1) / 2; pair++) {
+            const int64_t t = 2 * pair;
+            const int both = t + 1 < tiles;
+            const uint8_t *w0 = (const uint8_t *)weights + t * blocks * BLOCK_BYTES, *w1 = w0 + blocks * BLOCK_BYTES;
             for (int64_t first = 0; first < rows; first += TILE) {
                 const int n = rows - first < TILE ? (int)(rows - first) : TILE;
                 if (configured != n) configure_tiles(configured = n);
                 _tile_zero(0);
+                _tile_zero(3);
                 for (int64_t b = 0; b < blocks; b++) {
-                    if (BF16_PREFETCH)
-                        for (int line = 0; line < BLOCK_BYTES; line += 64)
-                            _mm_prefetch((const char *)tile_weights + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
+                    if (BF16_PREFETCH && first == 0)  /* later row blocks find the weights in cache */
+                        for (int line = 0; line < BLOCK_BYTES; line += 64) {
+                            _mm_prefetch((const char *)w0 + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
+                            if (both) _mm_prefetch((const char *)w1 + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
+                        }
                     _tile_loadd(1, x + first * in + b * BLOCK, in * 2);
-                    _tile_loadd(2, tile_weights + b * BLOCK_BYTES, TILE * 4);
+                    _tile_loadd(2, w0 + b * BLOCK_BYTES, TILE * 4);
                     _tile_dpbf16ps(0, 1, 2);
+                    if (both) {
+                        _tile_loadd(4, w1 + b * BLOCK_BYTES, TILE * 4);
+                        _tile_dpbf16ps(3, 1, 4);
+                    }
                 }
-                _tile_stored(0, sums, TILE * 4);
-                for (int r = 0; r < n; r++)
-                    _mm256_storeu_si256((__m256i *)(out + (first + r) * outs + t * TILE), bf16_bits16(_mm512_load_ps(sums + r * TILE)));
+                _tile_stored(0, sums[0], TILE * 4);
+                store_tile(sums[0], out + first * outs + t * TILE, n, outs);
+                if (both) {
+                    _tile_stored(3, sums[1], TILE * 4);
+                    store_tile(sums[1], out + first * outs + (t + 1) * TILE, n, outs);
+                }
             }
         }
         if (configured) _tile_release();
