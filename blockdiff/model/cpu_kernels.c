@@ -172,6 +172,7 @@ void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int
  * product's output): silu(x) = x / (1 + exp(-x)), rounded to the dtype before the product, as
  * PyTorch's silu and mul round. */
 void bd_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t dim, int dtype) {
+#pragma omp parallel for schedule(static) if (rows >= 4)
     for (int64_t r = 0; r < rows; r++) {
         const int64_t in = r * 2 * dim;
         int64_t j = 0;
@@ -200,27 +201,26 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
                    const int64_t *starts, int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D,
                    int64_t batch_stride, int64_t head_stride, int dtype) {
     int64_t width = (H + 2 * Hkv) * D, half = D / 2;
-    for (int64_t b = 0; b < B; b++) {
-        for (int64_t t = 0; t < T; t++) {
-            int64_t token = b * T + t, slot = starts[b] + t;
-            for (int64_t h = 0; h < H + 2 * Hkv; h++) {
-                const int64_t in = token * width + h * D;
-                void *dst;
-                int64_t at;
-                if (h < H) { dst = q_out; at = token * H * D + h * D; }
-                else if (h < H + Hkv) { dst = k_cache; at = b * batch_stride + (h - H) * head_stride + slot * D; }
-                else { dst = v_cache; at = b * batch_stride + (h - H - Hkv) * head_stride + slot * D; }
-                if (h >= H + Hkv) {  /* values: copied */
-                    if (dtype) memcpy((uint16_t *)dst + at, (const uint16_t *)qkv + in, D * sizeof(uint16_t));
-                    else memcpy((float *)dst + at, (const float *)qkv + in, D * sizeof(float));
-                    continue;
-                }
-                for (int64_t d = 0; d < D; d++) {
-                    float x = load(qkv, in + d, dtype), turned = load(qkv, in + (d + half) % D, dtype);
-                    float y = rounded(x * load(cos, token * D + d, dtype), dtype)
-                            + rounded(turned * load(sin, token * D + d, dtype), dtype);
-                    store(dst, at + d, y, dtype);
-                }
+#pragma omp parallel for schedule(static) if (B * T >= 4)
+    for (int64_t token = 0; token < B * T; token++) {
+        const int64_t b = token / T, t = token % T, slot = starts[b] + t;
+        for (int64_t h = 0; h < H + 2 * Hkv; h++) {
+            const int64_t in = token * width + h * D;
+            void *dst;
+            int64_t at;
+            if (h < H) { dst = q_out; at = token * H * D + h * D; }
+            else if (h < H + Hkv) { dst = k_cache; at = b * batch_stride + (h - H) * head_stride + slot * D; }
+            else { dst = v_cache; at = b * batch_stride + (h - H - Hkv) * head_stride + slot * D; }
+            if (h >= H + Hkv) {  /* values: copied */
+                if (dtype) memcpy((uint16_t *)dst + at, (const uint16_t *)qkv + in, D * sizeof(uint16_t));
+                else memcpy((float *)dst + at, (const float *)qkv + in, D * sizeof(float));
+                continue;
+            }
+            for (int64_t d = 0; d < D; d++) {
+                float x = load(qkv, in + d, dtype), turned = load(qkv, in + (d + half) % D, dtype);
+                float y = rounded(x * load(cos, token * D + d, dtype), dtype)
+                        + rounded(turned * load(sin, token * D + d, dtype), dtype);
+                store(dst, at + d, y, dtype);
             }
         }
     }
