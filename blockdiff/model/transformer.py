@@ -134,14 +134,18 @@ class Transformer(nn.Module):
         self.sampler_head: SamplerHead | None = None  # part of a draft adapter (model/sampler_head.py)
         # decode steps through captured graphs over static caches (model/step_graphs.py), or None
         self.step_graphs = None
-        # every layer as one C call, where every product is w4a8 (model/cpu_kernels.py), or None
+        # every layer as one C call where every product runs on blockdiff's kernels (w4a8, or
+        # bf16 on AMX tiles; model/cpu_kernels.py), or None
         self._decoder_stack: cpu_kernels.DecoderStack | None = None
 
     def prepare_for_inference(self, quantization: str = "none") -> None:
-        """Fuse the q/k/v and gate/up products and pack bf16 and float32 CPU weights for oneDNN,
-        or, with quantization "int4", "int8" or "fp16", quantize every product's weight, the output
-        head's too (model/quantize.py). Call again after changing weights; training must not use
-        it (the fused and packed copies do not follow the parameters)."""
+        """Fuse the q/k/v and gate/up products and prepare every product's weight for its kernel:
+        bf16 weights in AMX tiles where the CPU has them (model/cpu_bf16.c), else oneDNN's
+        packed layout; with quantization "int4", "int8", "fp16" or "w4a8", every product's
+        weight, the output head's too, in that format (model/quantize.py). Where every product
+        runs on blockdiff's own kernels the layers run as one C call (model/cpu_decoder.c).
+        Call again after changing weights; training must not use it (the fused and packed
+        copies do not follow the parameters)."""
         if quantization not in QUANTIZATIONS:
             raise ValueError(f"unknown quantization {quantization!r}; allowed: {', '.join(QUANTIZATIONS)}")
         reason = unavailable(quantization, self.dtype, self.device)
