@@ -1,10 +1,13 @@
-"""Fused CPU kernels for inference forwards (cpu_kernels.c), built for this CPU on first use.
+"""blockdiff's CPU kernels for inference forwards, built for this CPU on first use.
 
 A one-token forward of a small model is mostly small ATen ops, not products: SmolLM2-135M's
 runs about 2,200 of them, each a Python call and a dispatch, for RMSNorm's five steps, RoPE,
 the cache write, the float32 attention of model/attention.py and SwiGLU's activation. Here
-each of those is one call per layer, computed per row (rows independent of the width, as
-attention.py's contract requires; the C file says how), on torch's own OpenMP threads.
+each of those is one call per layer (cpu_kernels.c), computed per row (rows independent of the
+width, as attention.py's contract requires; the C file says how), on torch's own OpenMP
+threads. Products have kernels here too: w4a8 (cpu_w4a8.c, model/quantize.py's format) and
+bf16 on the AMX tile unit (cpu_bf16.c, `Bf16TileWeight`); where every product of a model runs
+on them, `DecoderStack` runs all its layers as one call (cpu_decoder.c).
 
 The library is compiled with the system C compiler for the machine at hand (-march=native)
 and cached by source, flags and CPU; `available()` is False, and the model keeps its ATen
