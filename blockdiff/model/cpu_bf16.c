@@ -1,10 +1,11 @@
 /* bf16 products on the AMX tile unit, for bf16 models on CPUs that have it.
  *
- * out (rows, outs) = x (rows, in) . W^T with W packed (model/quantize.py) as, for each tile of
- * 16 outputs and each block of 32 inputs, 16 input pairs x 16 outputs x 2 bf16: the layout
- * tdpbf16ps reads. Each output tile's sums accumulate in one tile register over the input
- * blocks in order, for up to 16 rows at a time; the unit computes each row of a product on its
- * own, so a row's result does not depend on the rows beside it.
+ * out (rows, outs) = x (rows, in) . W^T with W packed (model/cpu_kernels.py, pack_bf16_tiles)
+ * as, for each tile of 16 outputs and each block of 32 inputs, 16 input pairs x 16 outputs x 2
+ * bf16: the layout tdpbf16ps reads. Each output tile's sums accumulate in one tile register over
+ * the input blocks in order (three output tiles at a time), for up to 16 rows at a time; the
+ * unit computes each row of a product on its own, so a row's result does not depend on the rows
+ * beside it.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -41,15 +42,19 @@ typedef struct {
     uint8_t rows[16];
 } tile_config;
 
-/* tiles 0 and 3: two output tiles' sums (rows x 16 float32); tile 1: inputs (rows x 32 bf16);
- * tiles 2 and 4: the two output tiles' weights (16 input pairs x 16 outputs x 2 bf16). Two
- * independent sums let one tile product start before the other's result is back. */
+/* tiles 0, 3 and 5: OUT_TILES output tiles' sums (rows x 16 float32); tile 1: inputs (rows x 32
+ * bf16); tiles 2, 4 and 6: their weights (16 input pairs x 16 outputs x 2 bf16). Independent
+ * sums let one tile product start before another's result is back. */
+#define OUT_TILES 3
 static void configure_tiles(int rows) {
     tile_config config = {0};
     config.palette = 1;
-    config.rows[0] = config.rows[3] = rows, config.bytes_per_row[0] = config.bytes_per_row[3] = TILE * 4;
+    const int sums[OUT_TILES] = {0, 3, 5}, weights[OUT_TILES] = {2, 4, 6};
+    for (int k = 0; k < OUT_TILES; k++) {
+        config.rows[sums[k]] = rows, config.bytes_per_row[sums[k]] = TILE * 4;
+        config.rows[weights[k]] = BLOCK / 2, config.bytes_per_row[weights[k]] = TILE * 4;
+    }
     config.rows[1] = rows, config.bytes_per_row[1] = BLOCK * 2;
-    config.rows[2] = config.rows[4] = BLOCK / 2, config.bytes_per_row[2] = config.bytes_per_row[4] = TILE * 4;
     _tile_loadconfig(&config);
 }
 
@@ -88,36 +93,46 @@ void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, i
 #pragma omp parallel if (parallel)
     {
         int configured = 0;
-        float sums[2][TILE * TILE] __attribute__((aligned(64)));
+        float sums[TILE * TILE] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
-        for (int64_t pair = 0; pair < (tiles + 1) / 2; pair++) {
-            const int64_t t = 2 * pair;
-            const int both = t + 1 < tiles;
-            const uint8_t *w0 = (const uint8_t *)weights + t * blocks * BLOCK_BYTES, *w1 = w0 + blocks * BLOCK_BYTES;
+        for (int64_t group = 0; group < (tiles + OUT_TILES - 1) / OUT_TILES; group++) {
+            const int64_t t = OUT_TILES * group;
+            const int count = tiles - t < OUT_TILES ? (int)(tiles - t) : OUT_TILES;
+            const uint8_t *w = (const uint8_t *)weights + t * blocks * BLOCK_BYTES;
             for (int64_t first = 0; first < rows; first += TILE) {
                 const int n = rows - first < TILE ? (int)(rows - first) : TILE;
                 if (configured != n) configure_tiles(configured = n);
                 _tile_zero(0);
                 _tile_zero(3);
+                _tile_zero(5);
                 for (int64_t b = 0; b < blocks; b++) {
                     if (BF16_PREFETCH && first == 0)  /* later row blocks find the weights in cache */
-                        for (int line = 0; line < BLOCK_BYTES; line += 64) {
-                            _mm_prefetch((const char *)w0 + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
-                            if (both) _mm_prefetch((const char *)w1 + (b + BF16_PREFETCH) * BLOCK_BYTES + line, _MM_HINT_T0);
-                        }
+                        for (int k = 0; k < count; k++)
+                            for (int line = 0; line < BLOCK_BYTES; line += 64)
+                                _mm_prefetch((const char *)w + (k * blocks + b + BF16_PREFETCH) * BLOCK_BYTES + line,
+                                             _MM_HINT_T0);
                     _tile_loadd(1, x + first * in + b * BLOCK, in * 2);
-                    _tile_loadd(2, w0 + b * BLOCK_BYTES, TILE * 4);
+                    _tile_loadd(2, w + b * BLOCK_BYTES, TILE * 4);
                     _tile_dpbf16ps(0, 1, 2);
-                    if (both) {
-                        _tile_loadd(4, w1 + b * BLOCK_BYTES, TILE * 4);
+                    if (count > 1) {
+                        _tile_loadd(4, w + (blocks + b) * BLOCK_BYTES, TILE * 4);
                         _tile_dpbf16ps(3, 1, 4);
                     }
+                    if (count > 2) {
+                        _tile_loadd(6, w + (2 * blocks + b) * BLOCK_BYTES, TILE * 4);
+                        _tile_dpbf16ps(5, 1, 6);
+                    }
                 }
-                _tile_stored(0, sums[0], TILE * 4);
-                store_tile(sums[0], out + first * outs + t * TILE, n, outs);
-                if (both) {
-                    _tile_stored(3, sums[1], TILE * 4);
-                    store_tile(sums[1], out + first * outs + (t + 1) * TILE, n, outs);
+                uint16_t *o = out + first * outs + t * TILE;
+                _tile_stored(0, sums, TILE * 4);
+                store_tile(sums, o, n, outs);
+                if (count > 1) {
+                    _tile_stored(3, sums, TILE * 4);
+                    store_tile(sums, o + TILE, n, outs);
+                }
+                if (count > 2) {
+                    _tile_stored(5, sums, TILE * 4);
+                    store_tile(sums, o + 2 * TILE, n, outs);
                 }
             }
         }
