@@ -15,12 +15,13 @@ from blockdiff.model.attention import grouped_attention, key_bias
 from blockdiff.model.dtype import native_bf16
 from blockdiff.model.kv_cache import KVCache, aligned
 from blockdiff.model.lora import inference_weight, linear
+from support.formats import W4A8
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
 SMOLLM2_PRODUCTS = [(576, 960), (576, 3072), (1536, 576), (576, 576)]  # (in, out): qkv, gate_up, down, o
 
 
-@pytest.fixture(scope="module", params=["none", "int4", "int8", "fp16", "w4a8"])
+@pytest.fixture(scope="module", params=["none", "int4", "int8", "fp16", W4A8])
 def native_llm(request):
     """The default model in its default dtype for this machine (bf16 where native), as it is
     and quantized to int4, int8 and w4a8; with fp16 weights in float32, the dtype that format serves. The
@@ -32,7 +33,7 @@ def native_llm(request):
     return LLM(quantization=request.param, **fixed)
 
 
-@pytest.mark.parametrize("quantization", ["none", "int4", "int8", "fp16", "w4a8"])
+@pytest.mark.parametrize("quantization", ["none", "int4", "int8", "fp16", W4A8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("fan_in,fan_out", SMOLLM2_PRODUCTS)
 @torch.inference_mode()
