@@ -1,9 +1,10 @@
 /* The decoder layers of a model whose products all run on blockdiff's kernels (w4a8, or bf16 on
  * AMX tiles) as one call: the kernels of cpu_kernels.c, cpu_w4a8.c and cpu_bf16.c chained in C,
  * in the order and with the roundings of the model's Python forward (model/transformer.py's
- * DecoderLayer), so that a forward no longer returns to Python eight times a layer. Its results are those of the layer-by-layer
- * path bit for bit: the same kernels on the same inputs, and each residual sum rounded to the
- * dtype as PyTorch's addition rounds it.
+ * DecoderLayer), so that a forward no longer returns to Python eight times a layer. Without a
+ * draft adapter its results are those of the layer-by-layer path bit for bit: the same kernels
+ * on the same inputs, and each residual sum rounded to the dtype as PyTorch's addition rounds
+ * it. An adapter's products are summed here in another order than ATen's (the same to rounding).
  */
 #include <stdint.h>
 #include <stdlib.h>
