@@ -54,6 +54,11 @@ def test_int8_multiplies_by_each_channel_rounded_to_the_nearest_step(dtype):
 def test_shapes_the_kernel_cannot_take_are_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_int4(torch.randn(16, 33))
+    if cpu_kernels.available():
+        with pytest.raises(ValueError, match="multiple of 16"):
+            quantize.quantize_w4a8(torch.randn(8, 32))
+        with pytest.raises(ValueError, match="float16"):
+            quantize.quantize_w4a8(torch.randn(16, 32) * 1e6)
     with pytest.raises(ValueError, match="multiple of 16"):
         quantize_int4(torch.randn(8, 32))
     with pytest.raises(ValueError, match="unknown quantization"):

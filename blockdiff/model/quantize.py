@@ -170,6 +170,8 @@ def quantize_w4a8(weight: torch.Tensor) -> W4A8Weight:
     low, high = groups.amin(-1), groups.amax(-1)  # (out, G)
     minimums = low.half()
     steps = ((high - low) / 15).half().clamp_min(torch.finfo(torch.float16).smallest_normal * 2 ** -10)  # (out, G)
+    if not (bool(steps.isfinite().all()) and bool(minimums.isfinite().all())):
+        raise ValueError("w4a8 keeps each group's step and minimum in float16, and this weight's exceed its range")
     codes = ((groups - minimums.float()[..., None]) / steps.float()[..., None]).round().clamp(0, 15).to(torch.uint8)
     # each tile of 16 outputs, each group: 4 chunks of inputs 8c..8c+7, output j's 4 bytes holding
     # inputs 8c+i (low nibble) and 8c+4+i (high nibble)
