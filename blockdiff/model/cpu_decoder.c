@@ -20,8 +20,7 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
 void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
                   int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
                   int64_t batch_stride, int64_t head_stride, float scale, int dtype);
-void bd_lora_add(const void *x, const void *A, const void *B, const float *gate, float scale, void *out,
-                 int64_t rows, int64_t in, int64_t rank, int64_t width, int64_t out_stride, int64_t column, int dtype);
+void bd_rows_linear(const void *x, const void *w, void *out, int64_t rows, int64_t in, int64_t outs, int dtype);
 void bd_w4a8_linear(const void *x, const uint8_t *codes, const uint16_t *d, const uint16_t *m, void *out,
                     int64_t rows, int64_t in, int64_t outs, int dtype);
 void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, int64_t rows, int64_t in,
@@ -52,24 +51,32 @@ typedef struct {
     float scale;
 } bd_lora;
 
-/* bd_lora_add's delta with its two products on the tile unit (bf16 only) */
-static void lora_on_tiles(const bd_lora *lora, const float *gate, const uint16_t *x, uint16_t *out, int64_t rows,
-                          int64_t in, int64_t outs) {
+/* A LoRA adapter's delta added into a product's output, for the rows whose gate is nonzero:
+ * out[r][column + j] = round(out + round(round(B[j] . round(A . x[r])) * round(scale * gate[r]))),
+ * rounding to the dtype where PyTorch's y + F.linear(F.linear(x, A), B) * (scale * gate) rounds.
+ * The two products run on the tile unit where the adapter has tiles, else in `dot`'s order.
+ * x: (rows, in); out: rows `outs` elements apart; gate: (rows,) float32. */
+static void lora_add(const bd_lora *lora, const float *gate, const void *x, void *out, int64_t rows, int64_t in,
+                     int64_t outs, int dtype) {
+    const int64_t element = dtype ? 2 : 4;
     int64_t gated = 0, *which = malloc(rows * sizeof(int64_t));
     for (int64_t r = 0; r < rows; r++)
         if (gate[r] != 0.0f) which[gated++] = r;
-    uint16_t *inputs = malloc(gated * in * 2), *inner = malloc(gated * lora->rank * 2);
-    uint16_t *delta = malloc(gated * lora->width * 2);
-    for (int64_t i = 0; i < gated; i++) memcpy(inputs + i * in, x + which[i] * in, in * 2);
-    if (gated) {
-        bd_bf16_linear(inputs, lora->A_tiles, inner, gated, in, lora->rank);
-        bd_bf16_linear(inner, lora->B_tiles, delta, gated, lora->rank, lora->width);
+    char *inputs = malloc(gated * in * element), *inner = malloc(gated * lora->rank * element);
+    char *delta = malloc(gated * lora->width * element);
+    for (int64_t i = 0; i < gated; i++) memcpy(inputs + i * in * element, (const char *)x + which[i] * in * element, in * element);
+    if (gated && lora->A_tiles && dtype == 1) {
+        bd_bf16_linear((uint16_t *)inputs, lora->A_tiles, (uint16_t *)inner, gated, in, lora->rank);
+        bd_bf16_linear((uint16_t *)inner, lora->B_tiles, (uint16_t *)delta, gated, lora->rank, lora->width);
+    } else if (gated) {
+        bd_rows_linear(inputs, lora->A, inner, gated, in, lora->rank, dtype);
+        bd_rows_linear(inner, lora->B, delta, gated, lora->rank, lora->width, dtype);
     }
     for (int64_t i = 0; i < gated; i++) {
-        const float scaled_gate = rounded(lora->scale * gate[which[i]], 1);
+        const float scaled_gate = rounded(lora->scale * gate[which[i]], dtype);
         for (int64_t j = 0; j < lora->width; j++) {
             const int64_t at = which[i] * outs + lora->column + j;
-            store(out, at, load(out, at, 1) + rounded(bf16_to_float(delta[i * lora->width + j]) * scaled_gate, 1), 1);
+            store(out, at, load(out, at, dtype) + rounded(load(delta, i * lora->width + j, dtype) * scaled_gate, dtype), dtype);
         }
     }
     free(which); free(inputs); free(inner); free(delta);
@@ -89,12 +96,7 @@ static void adapt(const bd_layer *layer, int64_t product, const float *gate, con
     if (!gate) return;
     for (int64_t i = 0; i < layer->num_loras; i++) {
         const bd_lora *lora = layer->loras + i;
-        if (lora->product != product) continue;
-        if (lora->A_tiles && dtype == 1)
-            lora_on_tiles(lora, gate, x, out, rows, in, outs);
-        else
-            bd_lora_add(x, lora->A, lora->B, gate, lora->scale, out, rows, in, lora->rank, lora->width, outs,
-                        lora->column, dtype);
+        if (lora->product == product) lora_add(lora, gate, x, out, rows, in, outs, dtype);
     }
 }
 

@@ -385,36 +385,21 @@ void bd_attention(const void *q, const void *k_cache, const void *v_cache, const
     }
 }
 
-/* A LoRA adapter's delta added into a product's output, for the rows whose gate is nonzero:
- * out[r][column + j] = round(out + round(round(B[j] . round(A . x[r])) * round(scale * gate[r]))),
- * rounding to the dtype where PyTorch's y + F.linear(F.linear(x, A), B) * (scale * gate) rounds,
- * each dot product summed in `dot`'s fixed order. x: (rows, in); A: (rank, in); B: (width, rank);
- * gate: (rows,) float32; out: rows `out_stride` elements apart. */
-void bd_lora_add(const void *x, const void *A, const void *B, const float *gate, float scale, void *out,
-                 int64_t rows, int64_t in, int64_t rank, int64_t width, int64_t out_stride, int64_t column, int dtype) {
-    int64_t gated = 0, *which = malloc(rows * sizeof(int64_t));
-    for (int64_t r = 0; r < rows; r++)
-        if (gate[r] != 0.0f) which[gated++] = r;
-    float *inputs = malloc(gated * in * sizeof(float)), *inner = malloc(gated * rank * sizeof(float));
-    for (int64_t i = 0; i < gated; i++) load_row(x, which[i] * in, in, dtype, inputs + i * in);
-#pragma omp parallel if (gated * (in + width) * rank >= 32768)
+/* out (rows, outs) = x (rows, in) . w^T for small products (a LoRA adapter's), each output
+ * rounded to the dtype and summed in `dot`'s fixed order, so a row's result does not depend on
+ * the other rows or the threads. w: (outs, in). */
+void bd_rows_linear(const void *x, const void *w, void *out, int64_t rows, int64_t in, int64_t outs, int dtype) {
+    float *inputs = malloc(rows * in * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) load_row(x, r * in, in, dtype, inputs + r * in);
+#pragma omp parallel if (rows * in * outs >= 32768)
     {
-        float *row = malloc((in > rank ? in : rank) * sizeof(float));
+        float *row = malloc(in * sizeof(float));
 #pragma omp for schedule(static)
-        for (int64_t k = 0; k < rank; k++) {
-            load_row(A, k * in, in, dtype, row);
-            for (int64_t i = 0; i < gated; i++) inner[i * rank + k] = rounded(dot(row, inputs + i * in, in), dtype);
-        }
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < width; j++) {
-            load_row(B, j * rank, rank, dtype, row);
-            for (int64_t i = 0; i < gated; i++) {
-                const int64_t at = which[i] * out_stride + column + j;
-                const float delta = rounded(dot(row, inner + i * rank, rank), dtype);
-                store(out, at, load(out, at, dtype) + rounded(delta * rounded(scale * gate[which[i]], dtype), dtype), dtype);
-            }
+        for (int64_t j = 0; j < outs; j++) {
+            load_row(w, j * in, in, dtype, row);
+            for (int64_t r = 0; r < rows; r++) store(out, r * outs + j, dot(row, inputs + r * in, in), dtype);
         }
         free(row);
     }
-    free(which); free(inputs); free(inner);
+    free(inputs);
 }
