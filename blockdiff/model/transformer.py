@@ -114,6 +114,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def products(self) -> tuple:
+        """The layer's inference products in the order a forward runs them (set by
+        Transformer.prepare_for_inference): fused q/k/v, o, fused gate/up, down."""
+        return self.self_attn.qkv, self.self_attn.o_proj, self.mlp.gate_up, self.mlp.down_proj
+
     def forward(self, x, rope, mask, cache, layer, gate):
         x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, layer, gate)
         return x + self.mlp(self.post_attention_layernorm(x), gate)
@@ -166,13 +171,12 @@ class Transformer(nn.Module):
         """The layers as one call when every product of every layer runs on blockdiff's own
         kernels: w4a8, or bf16 in AMX tiles (a product in another format keeps the layers in
         Python)."""
-        products = [(layer.self_attn.qkv.packed, layer.self_attn.o_proj.packed, layer.mlp.gate_up.packed,
-                     layer.mlp.down_proj.packed) for layer in self.layers]
+        products = [tuple(product.packed for product in layer.products()) for layer in self.layers]
         if not all(isinstance(p, W4A8Weight | cpu_kernels.Bf16TileWeight) for ps in products for p in ps):
             return None
         norms = [(layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach())
                  for layer in self.layers]
-        adaptable = []
+        adaptable = []  # (product index, LoRA-carrying module, first output column): cpu_decoder.c's order
         for layer in self.layers:
             qkv, gate_up = layer.self_attn.qkv, layer.mlp.gate_up
             adaptable.append([(0, part, lo) for part, (lo, _) in zip(qkv.parts, qkv.columns)]
@@ -185,8 +189,7 @@ class Transformer(nn.Module):
         """The tensors of every weight prepared for a kernel of blockdiff's or ATen's (quantized,
         or bf16 in AMX tiles) into one buffer on huge pages, in the order a forward reads them
         (model/huge_pages.py)."""
-        places = [(product, "packed") for layer in self.layers
-                  for product in (layer.self_attn.qkv, layer.self_attn.o_proj, layer.mlp.gate_up, layer.mlp.down_proj)]
+        places = [(product, "packed") for layer in self.layers for product in layer.products()]
         places.append((self, "_packed_head"))
         weights = [getattr(owner, name) for owner, name in places]
         fields = [[f.name for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
