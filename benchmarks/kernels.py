@@ -57,6 +57,8 @@ def formats() -> dict:
                 "int4 weight-only, bf16 activations": in_bf16(quantize_int4)}
         if cpu_kernels.available():
             out["w4a8, bf16 activations"] = in_bf16(quantize_w4a8)
+        if cpu_kernels.bf16_tiles():
+            out["bf16 AMX tiles"] = in_bf16(cpu_kernels.pack_bf16_tiles)
     return out
 
 

@@ -83,6 +83,146 @@ int bd_bf16_amx(void) {
 #endif
 }
 
+#if BF16_AMX
+/* r[i][j] -> r[j][i] for sixteen rows of sixteen 32-bit elements */
+static void transpose16(__m512i r[16]) {
+    __m512i u[16];
+    for (int g = 0; g < 16; g += 4) {  /* u[g + c]: column c, c + 4, c + 8, c + 12 of rows g..g+3, a 128-bit lane each */
+        const __m512i t0 = _mm512_unpacklo_epi32(r[g], r[g + 1]), t1 = _mm512_unpackhi_epi32(r[g], r[g + 1]);
+        const __m512i t2 = _mm512_unpacklo_epi32(r[g + 2], r[g + 3]), t3 = _mm512_unpackhi_epi32(r[g + 2], r[g + 3]);
+        u[g] = _mm512_unpacklo_epi64(t0, t2), u[g + 1] = _mm512_unpackhi_epi64(t0, t2);
+        u[g + 2] = _mm512_unpacklo_epi64(t1, t3), u[g + 3] = _mm512_unpackhi_epi64(t1, t3);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i even_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), odd_low = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+        const __m512i even_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+        const __m512i odd_high = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+        r[c] = _mm512_shuffle_i32x4(even_low, even_high, 0x88), r[c + 8] = _mm512_shuffle_i32x4(even_low, even_high, 0xdd);
+        r[c + 4] = _mm512_shuffle_i32x4(odd_low, odd_high, 0x88), r[c + 12] = _mm512_shuffle_i32x4(odd_low, odd_high, 0xdd);
+    }
+}
+
+/* keys as tdpbf16ps' second operand: per 16 keys and 32 dimensions, 16 dimension pairs x 16
+ * keys x 2 (a transpose of the keys' dimension pairs); zeros past the last key */
+static void pack_keys(const uint16_t *k_head, const int64_t *slots, int64_t keys, int64_t D, uint16_t *k_tiles) {
+    for (int64_t first = 0; first < keys; first += TILE)
+        for (int64_t d = 0; d < D; d += BLOCK) {
+            __m512i r[16];
+            for (int64_t j = 0; j < TILE; j++)
+                r[j] = first + j < keys ? _mm512_loadu_si512(k_head + slots[first + j] * D + d) : _mm512_setzero_si512();
+            transpose16(r);
+            for (int p = 0; p < 16; p++) _mm512_store_si512(k_tiles + p * 32, r[p]);
+            k_tiles += 512;
+        }
+}
+
+/* values as tdpbf16ps' second operand: per 32 keys and 16 dimensions, 16 key pairs x 16
+ * dimensions x 2 (two keys' values interleaved); zeros past the last key */
+static void pack_values(const uint16_t *v_head, const int64_t *slots, int64_t keys, int64_t D, uint16_t *v_tiles) {
+    for (int64_t first = 0; first < keys; first += BLOCK)
+        for (int64_t d = 0; d < D; d += TILE)
+            for (int64_t pair = 0; pair < BLOCK / 2; pair++, v_tiles += 32) {
+                const int64_t a = first + 2 * pair, b = a + 1;
+                const __m512i even = a < keys ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v_head + slots[a] * D + d)))
+                                              : _mm512_setzero_si512();
+                const __m512i odd = b < keys ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(v_head + slots[b] * D + d)))
+                                             : _mm512_setzero_si512();
+                _mm512_store_si512(v_tiles, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+            }
+}
+#endif
+
+/* Attention of `rows` query rows over `keys` keys of one cache head, on the tile unit.
+ * queries: (rows, D) bf16; k_head, v_head: the head's keys and values, slot s at s * D; slots:
+ * the keys' slots in order; seen[r]: how many of them row r sees, a prefix; out: (rows, D) float32.
+ * Scores are query . key on the unit, times `scale`; softmax (cpu_kernels.c's, over the seen
+ * scores) gives probabilities, rounded to bf16 for the unit's product with the values, zero past
+ * row r's prefix. So row r's result depends on its query and its seen keys alone: the unit
+ * computes each output element from one row and one column, and the keys past a row's prefix
+ * add exact zeros. D: a multiple of 32. */
+void bd_softmax(float *row, int64_t n);
+
+void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t *seen, const uint16_t *k_head,
+                            const uint16_t *v_head, const int64_t *slots, int64_t keys, int64_t D, float scale,
+                            float *out) {
+#if BF16_AMX
+    if (!amx_permitted()) abort();
+    const int64_t key_tiles = (keys + TILE - 1) / TILE, key_blocks = (keys + BLOCK - 1) / BLOCK;
+    const int64_t d_blocks = D / BLOCK, d_tiles = D / TILE;
+    const int64_t score_width = key_tiles * TILE, prob_width = key_blocks * BLOCK;
+    uint16_t *k_tiles = aligned_alloc(64, key_tiles * d_blocks * BLOCK_BYTES);
+    uint16_t *v_tiles = aligned_alloc(64, key_blocks * d_tiles * BLOCK_BYTES);
+    pack_keys(k_head, slots, keys, D, k_tiles);
+    pack_values(v_head, slots, keys, D, v_tiles);
+    float *scores = malloc(rows * score_width * sizeof(float));
+    uint16_t *probs = calloc(rows * prob_width, 2);
+    int configured = 0;
+    for (int64_t first = 0; first < rows; first += TILE) {
+        const int n = rows - first < TILE ? (int)(rows - first) : TILE;
+        if (configured != n) configure_tiles(configured = n);
+        for (int64_t t = 0; t < key_tiles; t += OUT_TILES) {  /* scores, three key tiles a pass */
+            const int count = key_tiles - t < OUT_TILES ? (int)(key_tiles - t) : OUT_TILES;
+            _tile_zero(0);
+            _tile_zero(3);
+            _tile_zero(5);
+            for (int64_t b = 0; b < d_blocks; b++) {
+                _tile_loadd(1, queries + first * D + b * BLOCK, D * 2);
+                _tile_loadd(2, k_tiles + (t * d_blocks + b) * 512, TILE * 4);
+                _tile_dpbf16ps(0, 1, 2);
+                if (count > 1) {
+                    _tile_loadd(4, k_tiles + ((t + 1) * d_blocks + b) * 512, TILE * 4);
+                    _tile_dpbf16ps(3, 1, 4);
+                }
+                if (count > 2) {
+                    _tile_loadd(6, k_tiles + ((t + 2) * d_blocks + b) * 512, TILE * 4);
+                    _tile_dpbf16ps(5, 1, 6);
+                }
+            }
+            float *s = scores + first * score_width + t * TILE;
+            _tile_stored(0, s, score_width * 4);
+            if (count > 1) _tile_stored(3, s + TILE, score_width * 4);
+            if (count > 2) _tile_stored(5, s + 2 * TILE, score_width * 4);
+        }
+        for (int64_t r = first; r < first + n; r++) {
+            float *row = scores + r * score_width;
+            if (!seen[r]) continue;  /* a row that sees no key: probabilities 0, result 0 */
+            for (int64_t j = 0; j < seen[r]; j++) row[j] *= scale;
+            bd_softmax(row, seen[r]);
+            for (int64_t j = 0; j < seen[r]; j++) probs[r * prob_width + j] = float_to_bf16(row[j]);
+        }
+        for (int64_t t = 0; t < d_tiles; t += OUT_TILES) {  /* probabilities . values, three dimension tiles a pass */
+            const int count = d_tiles - t < OUT_TILES ? (int)(d_tiles - t) : OUT_TILES;
+            _tile_zero(0);
+            _tile_zero(3);
+            _tile_zero(5);
+            for (int64_t b = 0; b < key_blocks; b++) {
+                _tile_loadd(1, probs + first * prob_width + b * BLOCK, prob_width * 2);
+                _tile_loadd(2, v_tiles + (b * d_tiles + t) * 512, TILE * 4);
+                _tile_dpbf16ps(0, 1, 2);
+                if (count > 1) {
+                    _tile_loadd(4, v_tiles + (b * d_tiles + t + 1) * 512, TILE * 4);
+                    _tile_dpbf16ps(3, 1, 4);
+                }
+                if (count > 2) {
+                    _tile_loadd(6, v_tiles + (b * d_tiles + t + 2) * 512, TILE * 4);
+                    _tile_dpbf16ps(5, 1, 6);
+                }
+            }
+            float *o = out + first * D + t * TILE;
+            _tile_stored(0, o, D * 4);
+            if (count > 1) _tile_stored(3, o + TILE, D * 4);
+            if (count > 2) _tile_stored(5, o + 2 * TILE, D * 4);
+        }
+    }
+    if (configured) _tile_release();
+    free(k_tiles); free(v_tiles); free(scores); free(probs);
+#else
+    (void)queries, (void)rows, (void)seen, (void)k_head, (void)v_head, (void)slots, (void)keys, (void)D, (void)scale,
+        (void)out;
+    abort();  /* callers ask bd_bf16_amx() first */
+#endif
+}
+
 /* x: (rows, in) bf16 -> out: (rows, outs) bf16; in a multiple of 32, outs of 16 */
 void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, int64_t rows, int64_t in,
                     int64_t outs) {

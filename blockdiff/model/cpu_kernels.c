@@ -216,7 +216,18 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
                 else memcpy((float *)dst + at, (const float *)qkv + in, D * sizeof(float));
                 continue;
             }
-            for (int64_t d = 0; d < D; d++) {
+            int64_t d = 0;
+#if SIMD
+            if (half % 8 == 0)
+                for (; d < D; d += 8) {
+                    const __m256 x = load8(qkv, in + d, dtype), turned = load8(qkv, in + (d + half) % D, dtype);
+                    __m256 straight = _mm256_mul_ps(x, load8(cos, token * D + d, dtype));
+                    __m256 rotated = _mm256_mul_ps(turned, load8(sin, token * D + d, dtype));
+                    if (dtype) straight = round8_bf16(straight), rotated = round8_bf16(rotated);
+                    store8(dst, at + d, _mm256_add_ps(straight, rotated), dtype);
+                }
+#endif
+            for (; d < D; d++) {
                 float x = load(qkv, in + d, dtype), turned = load(qkv, in + (d + half) % D, dtype);
                 float y = rounded(x * load(cos, token * D + d, dtype), dtype)
                         + rounded(turned * load(sin, token * D + d, dtype), dtype);
@@ -227,7 +238,7 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
 }
 
 /* row[0..n) -> softmax(row), in place; the sum of exps in eight lanes, then a tree */
-static void softmax(float *row, int64_t n) {
+void bd_softmax(float *row, int64_t n) {
     float top = -INFINITY, lanes[8] = {0};
     int64_t j = 0;
 #if SIMD
@@ -332,6 +343,41 @@ static void group_values(const float *probs, const float *values, const int64_t 
             for (int64_t d = 0; d < D; d++) acc[i * D + d] = fmaf(probs[i * n + j], values[at[j] * D + d], acc[i * D + d]);
 }
 
+int bd_bf16_amx(void);
+void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t *seen, const uint16_t *k_head,
+                            const uint16_t *v_head, const int64_t *slots, int64_t keys, int64_t D, float scale,
+                            float *out);
+
+/* One work item on the tile unit (cpu_bf16.c): the tile's queries together where each sees a
+ * prefix of the keys any of them sees (causal and block patterns), else each query alone over
+ * its own keys, so that a query's result is a function of its own keys either way. */
+static void tile_item(const uint16_t *q, const uint16_t *k_head, const uint16_t *v_head, uint16_t *out,
+                      const int64_t *slots, const int64_t *at, const int64_t *seen, int64_t count, int64_t union_size,
+                      int64_t span, int64_t G, int64_t D, int64_t query_stride, float scale) {
+    int together = 1;
+    for (int64_t t = 0; t < count; t++) together &= !seen[t] || at[t * span + seen[t] - 1] == seen[t] - 1;
+    const int64_t rows = together ? count * G : G;
+    uint16_t *queries = malloc(rows * D * sizeof(uint16_t));
+    int64_t *row_seen = malloc(rows * sizeof(int64_t)), *own = malloc(span * sizeof(int64_t));
+    float *acc = malloc(rows * D * sizeof(float));
+    for (int64_t t = 0; t < count; t += together ? count : 1) {
+        const int64_t queries_here = together ? count : 1;
+        for (int64_t i = 0; i < queries_here; i++) {
+            memcpy(queries + i * G * D, q + (t + i) * query_stride, G * D * sizeof(uint16_t));
+            for (int64_t h = 0; h < G; h++) row_seen[i * G + h] = seen[t + i];
+        }
+        if (together) {
+            bd_bf16_tile_attention(queries, rows, row_seen, k_head, v_head, slots, union_size, D, scale, acc);
+        } else {
+            for (int64_t m = 0; m < seen[t]; m++) own[m] = slots[at[t * span + m]];
+            bd_bf16_tile_attention(queries, rows, row_seen, k_head, v_head, own, seen[t], D, scale, acc);
+        }
+        for (int64_t i = 0; i < queries_here; i++)
+            for (int64_t j = 0; j < G * D; j++) store(out + (t + i) * query_stride, j, acc[i * G * D + j], 1);
+    }
+    free(queries); free(row_seen); free(own); free(acc);
+}
+
 /* Attention of T new queries per row over a span of cached keys, grouped as HF's repeat_kv
  * groups them (query head h reads key head h / (H / Hkv)).
  * q: (B, T, H, D); k_cache, v_cache: as in bd_rope_store; visible: (B, T, span) bytes, nonzero
@@ -339,13 +385,15 @@ static void group_values(const float *probs, const float *values, const int64_t 
  * A query that sees no key gets zeros.
  * Work items are a row, a key head and up to QUERY_TILE consecutive queries: the keys and
  * values any of them sees are widened to float32 once, then each query's G heads go through
- * its own keys in slot order, as they would alone. */
+ * its own keys in slot order, as they would alone. In bf16 on a CPU with AMX (head size a
+ * multiple of 32) the item's products run on the tile unit instead (tile_item). */
 #define QUERY_TILE 8
 void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
                   int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
                   int64_t batch_stride, int64_t head_stride, float scale, int dtype) {
     const int64_t G = H / Hkv, tiles = (T + QUERY_TILE - 1) / QUERY_TILE, items = B * Hkv * tiles;
     const int parallel = items > 1 && items * span * G * D >= 32768;
+    const int on_tiles = dtype == 1 && D % 32 == 0 && bd_bf16_amx();
 #pragma omp parallel if (parallel)
     {
         float *keys = malloc(span * D * sizeof(float)), *values = malloc(span * D * sizeof(float));
@@ -368,6 +416,13 @@ void bd_attention(const void *q, const void *k_cache, const void *v_cache, const
                 slots[union_size++] = s;
             }
             const int64_t cache_at = b * batch_stride + g * head_stride;
+            if (on_tiles) {
+                const int64_t heads = ((b * T + first) * H + g * G) * D;
+                tile_item((const uint16_t *)q + heads, (const uint16_t *)k_cache + cache_at,
+                          (const uint16_t *)v_cache + cache_at, (uint16_t *)out + heads, slots, at, seen, count,
+                          union_size, span, G, D, H * D, scale);
+                continue;
+            }
             for (int64_t j = 0; j < union_size; j++) {
                 load_row(k_cache, cache_at + slots[j] * D, D, dtype, keys + j * D);
                 load_row(v_cache, cache_at + slots[j] * D, D, dtype, values + j * D);
@@ -376,7 +431,7 @@ void bd_attention(const void *q, const void *k_cache, const void *v_cache, const
                 const int64_t n = seen[t], *own = at + t * span, heads = ((b * T + first + t) * H + g * G) * D;
                 load_row(q, heads, G * D, dtype, queries);
                 group_scores(queries, keys, own, n, G, D, scale, scores);
-                for (int64_t i = 0; i < G; i++) softmax(scores + i * n, n);
+                for (int64_t i = 0; i < G; i++) bd_softmax(scores + i * n, n);
                 group_values(scores, values, own, n, G, D, acc);
                 for (int64_t j = 0; j < G * D; j++) store(out, heads + j, acc[j], dtype);
             }
