@@ -58,15 +58,6 @@ static void configure_tiles(int rows) {
     _tile_loadconfig(&config);
 }
 
-/* float_to_bf16 on sixteen lanes, NaN included */
-static inline __m256i bf16_bits16(__m512 x) {
-    const __m512i u = _mm512_castps_si512(x);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i bits = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-    bits = _mm512_mask_mov_epi32(bits, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-    return _mm512_cvtepi32_epi16(bits);
-}
-
 /* rows -> bf16 outputs of one output tile, from its float32 sums */
 static void store_tile(const float *sums, uint16_t *out, int n, int64_t outs) {
     for (int r = 0; r < n; r++)
@@ -135,12 +126,13 @@ static void pack_values(const uint16_t *v_head, const int64_t *slots, int64_t ke
 /* Attention of `rows` query rows over `keys` keys of one cache head, on the tile unit.
  * queries: (rows, D) bf16; k_head, v_head: the head's keys and values, slot s at s * D; slots:
  * the keys' slots in order; seen[r]: how many of them row r sees, a prefix; out: (rows, D) float32.
- * Scores are query . key on the unit, times `scale`; softmax (cpu_kernels.c's, over the seen
- * scores) gives probabilities, rounded to bf16 for the unit's product with the values, zero past
- * row r's prefix. So row r's result depends on its query and its seen keys alone: the unit
- * computes each output element from one row and one column, and the keys past a row's prefix
- * add exact zeros. D: a multiple of 32. */
-void bd_softmax(float *row, int64_t n);
+ * Scores are query . key on the unit, times `scale`; their exponentials less the row's maximum
+ * (cpu_kernels.c's, over the seen scores) are rounded to bf16 for the unit's product with the
+ * values, zero past row r's prefix, and the product is divided by the exponentials' sum. So row
+ * r's result depends on its query and its seen keys alone: the unit computes each output element
+ * from one row and one column, and the keys past a row's prefix add exact zeros (their values
+ * finite). D: a multiple of 32. */
+float bd_shifted_exp(float *row, int64_t n);
 
 void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t *seen, const uint16_t *k_head,
                             const uint16_t *v_head, const int64_t *slots, int64_t keys, int64_t D, float scale,
@@ -183,12 +175,15 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
             if (count > 1) _tile_stored(3, s + TILE, score_width * 4);
             if (count > 2) _tile_stored(5, s + 2 * TILE, score_width * 4);
         }
-        for (int64_t r = first; r < first + n; r++) {
+        float sums[TILE];
+        for (int64_t r = first; r < first + n; r++) {  /* a row that sees no key: weights 0, result 0 */
             float *row = scores + r * score_width;
-            if (!seen[r]) continue;  /* a row that sees no key: probabilities 0, result 0 */
-            for (int64_t j = 0; j < seen[r]; j++) row[j] *= scale;
-            bd_softmax(row, seen[r]);
-            for (int64_t j = 0; j < seen[r]; j++) probs[r * prob_width + j] = float_to_bf16(row[j]);
+            uint16_t *weights = probs + r * prob_width;
+            int64_t j = 0;
+            for (; j < seen[r]; j++) row[j] *= scale;
+            sums[r - first] = bd_shifted_exp(row, seen[r]);
+            for (j = 0; j + 16 <= seen[r]; j += 16) _mm256_storeu_si256((__m256i *)(weights + j), bf16_bits16(_mm512_loadu_ps(row + j)));
+            for (; j < seen[r]; j++) weights[j] = float_to_bf16(row[j]);
         }
         for (int64_t t = 0; t < d_tiles; t += OUT_TILES) {  /* probabilities . values, three dimension tiles a pass */
             const int count = d_tiles - t < OUT_TILES ? (int)(d_tiles - t) : OUT_TILES;
@@ -213,6 +208,9 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
             if (count > 1) _tile_stored(3, o + TILE, D * 4);
             if (count > 2) _tile_stored(5, o + 2 * TILE, D * 4);
         }
+        for (int64_t r = first; r < first + n; r++)
+            if (seen[r])
+                for (int64_t d = 0; d < D; d++) out[r * D + d] /= sums[r - first];
     }
     if (configured) _tile_release();
     free(k_tiles); free(v_tiles); free(scores); free(probs);

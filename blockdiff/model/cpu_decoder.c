@@ -102,7 +102,11 @@ static void adapt(const bd_layer *layer, int64_t product, const float *gate, con
 
 /* x += y, rounded to the dtype */
 static void add_into(void *x, const void *y, int64_t n, int dtype) {
-    for (int64_t i = 0; i < n; i++) store(x, i, load(x, i, dtype) + load(y, i, dtype), dtype);
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) store16(x, i, _mm512_add_ps(load16(x, i, dtype), load16(y, i, dtype)), dtype);
+#endif
+    for (; i < n; i++) store(x, i, load(x, i, dtype) + load(y, i, dtype), dtype);
 }
 
 static void *scratch(int64_t elements, int dtype) { return malloc(elements * (dtype ? 2 : 4)); }

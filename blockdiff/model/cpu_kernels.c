@@ -120,6 +120,26 @@ static inline __m256 exp8(__m256 x) {
 #endif
 #if SIMD && defined(__AVX512F__)
 #define SIMD512 1
+/* exp_approx on sixteen lanes, operation for operation (exp8's twin) */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+    const __mmask16 overflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(88.0f), _CMP_GT_OQ);
+    x = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  /* a NaN x stays NaN */
+    __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                    _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+    r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    const __m512 y = _mm512_maskz_mov_ps(~underflow, _mm512_mul_ps(p, _mm512_castsi512_ps(bits)));
+    return _mm512_mask_mov_ps(y, overflow, _mm512_set1_ps(INFINITY));
+}
 #else
 #define SIMD512 0
 #endif
@@ -155,17 +175,29 @@ static inline float dot(const float *a, const float *b, int64_t n) {
  * + eps) * weight; bf16: the normalised row rounded to bf16, then scaled by the bf16 weight and
  * rounded (the reference models' order). */
 void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int64_t dim, float eps, int dtype) {
+#pragma omp parallel if (rows >= 4)
+    {
     float *row = malloc(dim * sizeof(float));
+#pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
         load_row(x, r * dim, dim, dtype, row);
         float inv = 1.0f / sqrtf(dot(row, row, dim) / (float)dim + eps);
-        for (int64_t j = 0; j < dim; j++) {
+        int64_t j = 0;
+#if SIMD
+        for (; j + 8 <= dim; j += 8) {
+            const __m256 normed = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(inv));
+            __m256 y = _mm256_mul_ps(dtype ? round8_bf16(normed) : normed, load8(weight, j, dtype));
+            store8(out, r * dim + j, y, dtype);
+        }
+#endif
+        for (; j < dim; j++) {
             float w = load(weight, j, dtype);
             float y = dtype ? rounded(row[j] * inv, 1) * w : row[j] * inv * w;
             store(out, r * dim + j, y, dtype);
         }
     }
     free(row);
+    }
 }
 
 /* out[r] = silu(gate) * up for rows of [gate | up] pairs of `dim` values each (a fused gate/up
@@ -176,6 +208,14 @@ void bd_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t dim, int 
     for (int64_t r = 0; r < rows; r++) {
         const int64_t in = r * 2 * dim;
         int64_t j = 0;
+#if SIMD512
+        for (; j + 16 <= dim; j += 16) {
+            const __m512 g = load16(gate_up, in + j, dtype), u = load16(gate_up, in + dim + j, dtype);
+            __m512 silu = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            if (dtype) silu = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bf16_bits16(silu)), 16));
+            store16(out, r * dim + j, _mm512_mul_ps(silu, u), dtype);
+        }
+#endif
 #if SIMD
         for (; j + 8 <= dim; j += 8) {
             const __m256 g = load8(gate_up, in + j, dtype), u = load8(gate_up, in + dim + j, dtype);
@@ -237,8 +277,8 @@ void bd_rope_store(const void *qkv, const void *cos, const void *sin, void *q_ou
     }
 }
 
-/* row[0..n) -> softmax(row), in place; the sum of exps in eight lanes, then a tree */
-void bd_softmax(float *row, int64_t n) {
+/* row[0..n) -> exp(row - max(row)), in place; returns their sum, in eight lanes, then a tree */
+float bd_shifted_exp(float *row, int64_t n) {
     float top = -INFINITY, lanes[8] = {0};
     int64_t j = 0;
 #if SIMD
@@ -252,6 +292,14 @@ void bd_softmax(float *row, int64_t n) {
     j = 0;
 #if SIMD
     __m256 sum = _mm256_setzero_ps();
+#if SIMD512
+    for (; j + 16 <= n; j += 16) {  /* elements j..j+7, then j+8..j+15, into the eight lanes */
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(row + j), _mm512_set1_ps(top)));
+        _mm512_storeu_ps(row + j, e);
+        sum = _mm256_add_ps(sum, _mm512_castps512_ps256(e));
+        sum = _mm256_add_ps(sum, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+#endif
     for (; j + 8 <= n; j += 8) {
         __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(top)));
         _mm256_storeu_ps(row + j, e);
@@ -265,7 +313,13 @@ void bd_softmax(float *row, int64_t n) {
     for (int l = 0; j < n; j++, l++) lanes[l] += row[j] = exp_approx(row[j] - top);
     for (int width = 4; width > 0; width /= 2)
         for (int l = 0; l < width; l++) lanes[l] += lanes[l + width];
-    for (j = 0; j < n; j++) row[j] /= lanes[0];
+    return lanes[0];
+}
+
+/* row[0..n) -> softmax(row), in place */
+static void softmax(float *row, int64_t n) {
+    const float sum = bd_shifted_exp(row, n);
+    for (int64_t j = 0; j < n; j++) row[j] /= sum;
 }
 
 /* scores[i * n + j] = scale * (query i . keys[at[j]]) for G queries that see the same keys,
@@ -387,7 +441,7 @@ static void tile_item(const uint16_t *q, const uint16_t *k_head, const uint16_t 
  * values any of them sees are widened to float32 once, then each query's G heads go through
  * its own keys in slot order, as they would alone. In bf16 on a CPU with AMX (head size a
  * multiple of 32) the item's products run on the tile unit instead (tile_item). */
-#define QUERY_TILE 8
+#define QUERY_TILE 16
 void bd_attention(const void *q, const void *k_cache, const void *v_cache, const uint8_t *visible, void *out,
                   int64_t B, int64_t T, int64_t H, int64_t Hkv, int64_t D, int64_t span,
                   int64_t batch_stride, int64_t head_stride, float scale, int dtype) {
@@ -431,7 +485,7 @@ void bd_attention(const void *q, const void *k_cache, const void *v_cache, const
                 const int64_t n = seen[t], *own = at + t * span, heads = ((b * T + first + t) * H + g * G) * D;
                 load_row(q, heads, G * D, dtype, queries);
                 group_scores(queries, keys, own, n, G, D, scale, scores);
-                for (int64_t i = 0; i < G; i++) bd_softmax(scores + i * n, n);
+                for (int64_t i = 0; i < G; i++) softmax(scores + i * n, n);
                 group_values(scores, values, own, n, G, D, acc);
                 for (int64_t j = 0; j < G * D; j++) store(out, heads + j, acc[j], dtype);
             }
