@@ -1,4 +1,6 @@
-/* bf16 products on the AMX tile unit, for bf16 models on CPUs that have it.
+/* bf16 products on the AMX tile unit, for bf16 models on CPUs that have it: the layers' and the
+ * output head's (bd_bf16_linear) and attention's (bd_bf16_tile_attention, cpu_kernels.c's
+ * bd_attention hands its work items to it).
  *
  * out (rows, outs) = x (rows, in) . W^T with W packed (model/cpu_kernels.py, pack_bf16_tiles)
  * as, for each tile of 16 outputs and each block of 32 inputs, 16 input pairs x 16 outputs x 2

@@ -10,7 +10,8 @@
  * what keeps the speculative modes lossless (SPEC section 3).
  *
  * Tensors are bf16 (dtype 1, stored as uint16) or float32 (dtype 0); all arithmetic is float32.
- * bf16 results are rounded to nearest even, as PyTorch rounds.
+ * bf16 results are rounded to nearest even, as PyTorch rounds. bf16 attention on a CPU with AMX
+ * runs its products on the tile unit (cpu_bf16.c), under the same contract.
  */
 #include <math.h>
 #include <stdint.h>
