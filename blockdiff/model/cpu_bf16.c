@@ -95,6 +95,37 @@ static void transpose16(__m512i r[16]) {
     }
 }
 
+/* tiles 0, 3 and 5 = the sums of `count` (1 to 3) output tiles over `blocks` tile products:
+ * block b's first operand at a + b * a_step (rows a_stride bytes apart), output tile k's second
+ * operand at b_tiles + (k * tile_step + b * block_step) * 512 */
+static void three_tiles(const uint16_t *a, int64_t a_step, int64_t a_stride, const uint16_t *b_tiles,
+                        int64_t tile_step, int64_t block_step, int64_t blocks, int count) {
+    _tile_zero(0);
+    _tile_zero(3);
+    _tile_zero(5);
+    for (int64_t b = 0; b < blocks; b++) {
+        const uint16_t *second = b_tiles + b * block_step * 512;
+        _tile_loadd(1, a + b * a_step, a_stride);
+        _tile_loadd(2, second, TILE * 4);
+        _tile_dpbf16ps(0, 1, 2);
+        if (count > 1) {
+            _tile_loadd(4, second + tile_step * 512, TILE * 4);
+            _tile_dpbf16ps(3, 1, 4);
+        }
+        if (count > 2) {
+            _tile_loadd(6, second + 2 * tile_step * 512, TILE * 4);
+            _tile_dpbf16ps(5, 1, 6);
+        }
+    }
+}
+
+/* three_tiles' sums to float32 rows `width` elements apart, output tile k from column 16 k on */
+static void store_three_tiles(float *out, int64_t width, int count) {
+    _tile_stored(0, out, width * 4);
+    if (count > 1) _tile_stored(3, out + TILE, width * 4);
+    if (count > 2) _tile_stored(5, out + 2 * TILE, width * 4);
+}
+
 /* keys as tdpbf16ps' second operand: per 16 keys and 32 dimensions, 16 dimension pairs x 16
  * keys x 2 (a transpose of the keys' dimension pairs); zeros past the last key */
 static void pack_keys(const uint16_t *k_head, const int64_t *slots, int64_t keys, int64_t D, uint16_t *k_tiles) {
@@ -156,26 +187,8 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
         if (configured != n) configure_tiles(configured = n);
         for (int64_t t = 0; t < key_tiles; t += OUT_TILES) {  /* scores, three key tiles a pass */
             const int count = key_tiles - t < OUT_TILES ? (int)(key_tiles - t) : OUT_TILES;
-            _tile_zero(0);
-            _tile_zero(3);
-            _tile_zero(5);
-            for (int64_t b = 0; b < d_blocks; b++) {
-                _tile_loadd(1, queries + first * D + b * BLOCK, D * 2);
-                _tile_loadd(2, k_tiles + (t * d_blocks + b) * 512, TILE * 4);
-                _tile_dpbf16ps(0, 1, 2);
-                if (count > 1) {
-                    _tile_loadd(4, k_tiles + ((t + 1) * d_blocks + b) * 512, TILE * 4);
-                    _tile_dpbf16ps(3, 1, 4);
-                }
-                if (count > 2) {
-                    _tile_loadd(6, k_tiles + ((t + 2) * d_blocks + b) * 512, TILE * 4);
-                    _tile_dpbf16ps(5, 1, 6);
-                }
-            }
-            float *s = scores + first * score_width + t * TILE;
-            _tile_stored(0, s, score_width * 4);
-            if (count > 1) _tile_stored(3, s + TILE, score_width * 4);
-            if (count > 2) _tile_stored(5, s + 2 * TILE, score_width * 4);
+            three_tiles(queries + first * D, BLOCK, D * 2, k_tiles + t * d_blocks * 512, d_blocks, 1, d_blocks, count);
+            store_three_tiles(scores + first * score_width + t * TILE, score_width, count);
         }
         float sums[TILE];
         for (int64_t r = first; r < first + n; r++) {  /* a row that sees no key: weights 0, result 0 */
@@ -189,26 +202,8 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
         }
         for (int64_t t = 0; t < d_tiles; t += OUT_TILES) {  /* probabilities . values, three dimension tiles a pass */
             const int count = d_tiles - t < OUT_TILES ? (int)(d_tiles - t) : OUT_TILES;
-            _tile_zero(0);
-            _tile_zero(3);
-            _tile_zero(5);
-            for (int64_t b = 0; b < key_blocks; b++) {
-                _tile_loadd(1, probs + first * prob_width + b * BLOCK, prob_width * 2);
-                _tile_loadd(2, v_tiles + (b * d_tiles + t) * 512, TILE * 4);
-                _tile_dpbf16ps(0, 1, 2);
-                if (count > 1) {
-                    _tile_loadd(4, v_tiles + (b * d_tiles + t + 1) * 512, TILE * 4);
-                    _tile_dpbf16ps(3, 1, 4);
-                }
-                if (count > 2) {
-                    _tile_loadd(6, v_tiles + (b * d_tiles + t + 2) * 512, TILE * 4);
-                    _tile_dpbf16ps(5, 1, 6);
-                }
-            }
-            float *o = out + first * D + t * TILE;
-            _tile_stored(0, o, D * 4);
-            if (count > 1) _tile_stored(3, o + TILE, D * 4);
-            if (count > 2) _tile_stored(5, o + 2 * TILE, D * 4);
+            three_tiles(probs + first * prob_width, BLOCK, prob_width * 2, v_tiles + t * 512, 1, d_tiles, key_blocks, count);
+            store_three_tiles(out + first * D + t * TILE, D, count);
         }
         for (int64_t r = first; r < first + n; r++)
             if (seen[r])
