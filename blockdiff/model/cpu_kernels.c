@@ -178,26 +178,26 @@ static inline float dot(const float *a, const float *b, int64_t n) {
 void bd_rms_norm(const void *x, const void *weight, void *out, int64_t rows, int64_t dim, float eps, int dtype) {
 #pragma omp parallel if (rows >= 4)
     {
-    float *row = malloc(dim * sizeof(float));
+        float *row = malloc(dim * sizeof(float));
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        load_row(x, r * dim, dim, dtype, row);
-        float inv = 1.0f / sqrtf(dot(row, row, dim) / (float)dim + eps);
-        int64_t j = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            load_row(x, r * dim, dim, dtype, row);
+            float inv = 1.0f / sqrtf(dot(row, row, dim) / (float)dim + eps);
+            int64_t j = 0;
 #if SIMD
-        for (; j + 8 <= dim; j += 8) {
-            const __m256 normed = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(inv));
-            __m256 y = _mm256_mul_ps(dtype ? round8_bf16(normed) : normed, load8(weight, j, dtype));
-            store8(out, r * dim + j, y, dtype);
-        }
+            for (; j + 8 <= dim; j += 8) {
+                const __m256 normed = _mm256_mul_ps(_mm256_loadu_ps(row + j), _mm256_set1_ps(inv));
+                __m256 y = _mm256_mul_ps(dtype ? round8_bf16(normed) : normed, load8(weight, j, dtype));
+                store8(out, r * dim + j, y, dtype);
+            }
 #endif
-        for (; j < dim; j++) {
-            float w = load(weight, j, dtype);
-            float y = dtype ? rounded(row[j] * inv, 1) * w : row[j] * inv * w;
-            store(out, r * dim + j, y, dtype);
+            for (; j < dim; j++) {
+                float w = load(weight, j, dtype);
+                float y = dtype ? rounded(row[j] * inv, 1) * w : row[j] * inv * w;
+                store(out, r * dim + j, y, dtype);
+            }
         }
-    }
-    free(row);
+        free(row);
     }
 }
 
@@ -411,13 +411,12 @@ static void tile_item(const uint16_t *q, const uint16_t *k_head, const uint16_t 
                       int64_t span, int64_t G, int64_t D, int64_t query_stride, float scale) {
     int together = 1;
     for (int64_t t = 0; t < count; t++) together &= !seen[t] || at[t * span + seen[t] - 1] == seen[t] - 1;
-    const int64_t rows = together ? count * G : G;
+    const int64_t step = together ? count : 1, rows = step * G;  /* queries, query heads a call */
     uint16_t *queries = malloc(rows * D * sizeof(uint16_t));
     int64_t *row_seen = malloc(rows * sizeof(int64_t)), *own = malloc(span * sizeof(int64_t));
     float *acc = malloc(rows * D * sizeof(float));
-    for (int64_t t = 0; t < count; t += together ? count : 1) {
-        const int64_t queries_here = together ? count : 1;
-        for (int64_t i = 0; i < queries_here; i++) {
+    for (int64_t t = 0; t < count; t += step) {
+        for (int64_t i = 0; i < step; i++) {
             memcpy(queries + i * G * D, q + (t + i) * query_stride, G * D * sizeof(uint16_t));
             for (int64_t h = 0; h < G; h++) row_seen[i * G + h] = seen[t + i];
         }
@@ -427,7 +426,7 @@ static void tile_item(const uint16_t *q, const uint16_t *k_head, const uint16_t 
             for (int64_t m = 0; m < seen[t]; m++) own[m] = slots[at[t * span + m]];
             bd_bf16_tile_attention(queries, rows, row_seen, k_head, v_head, own, seen[t], D, scale, acc);
         }
-        for (int64_t i = 0; i < queries_here; i++)
+        for (int64_t i = 0; i < step; i++)
             for (int64_t j = 0; j < G * D; j++) store(out + (t + i) * query_stride, j, acc[i * G * D + j], 1);
     }
     free(queries); free(row_seen); free(own); free(acc);
