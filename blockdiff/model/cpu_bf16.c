@@ -97,14 +97,20 @@ static void transpose16(__m512i r[16]) {
 
 /* tiles 0, 3 and 5 = the sums of `count` (1 to 3) output tiles over `blocks` tile products:
  * block b's first operand at a + b * a_step (rows a_stride bytes apart), output tile k's second
- * operand at b_tiles + (k * tile_step + b * block_step) * 512 */
+ * operand at b_tiles + (k * tile_step + b * block_step) * 512; with `prefetch`, the second
+ * operands BF16_PREFETCH blocks ahead are asked for (weights streamed from memory) */
 static void three_tiles(const uint16_t *a, int64_t a_step, int64_t a_stride, const uint16_t *b_tiles,
-                        int64_t tile_step, int64_t block_step, int64_t blocks, int count) {
+                        int64_t tile_step, int64_t block_step, int64_t blocks, int count, int prefetch) {
     _tile_zero(0);
     _tile_zero(3);
     _tile_zero(5);
     for (int64_t b = 0; b < blocks; b++) {
         const uint16_t *second = b_tiles + b * block_step * 512;
+        if (BF16_PREFETCH && prefetch)
+            for (int k = 0; k < count; k++)
+                for (int line = 0; line < BLOCK_BYTES; line += 64)
+                    _mm_prefetch((const char *)(second + (k * tile_step + BF16_PREFETCH * block_step) * 512) + line,
+                                 _MM_HINT_T0);
         _tile_loadd(1, a + b * a_step, a_stride);
         _tile_loadd(2, second, TILE * 4);
         _tile_dpbf16ps(0, 1, 2);
@@ -187,7 +193,7 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
         if (configured != n) configure_tiles(configured = n);
         for (int64_t t = 0; t < key_tiles; t += OUT_TILES) {  /* scores, three key tiles a pass */
             const int count = key_tiles - t < OUT_TILES ? (int)(key_tiles - t) : OUT_TILES;
-            three_tiles(queries + first * D, BLOCK, D * 2, k_tiles + t * d_blocks * 512, d_blocks, 1, d_blocks, count);
+            three_tiles(queries + first * D, BLOCK, D * 2, k_tiles + t * d_blocks * 512, d_blocks, 1, d_blocks, count, 0);
             store_three_tiles(scores + first * score_width + t * TILE, score_width, count);
         }
         float sums[TILE];
@@ -202,7 +208,7 @@ void bd_bf16_tile_attention(const uint16_t *queries, int64_t rows, const int64_t
         }
         for (int64_t t = 0; t < d_tiles; t += OUT_TILES) {  /* probabilities . values, three dimension tiles a pass */
             const int count = d_tiles - t < OUT_TILES ? (int)(d_tiles - t) : OUT_TILES;
-            three_tiles(probs + first * prob_width, BLOCK, prob_width * 2, v_tiles + t * 512, 1, d_tiles, key_blocks, count);
+            three_tiles(probs + first * prob_width, BLOCK, prob_width * 2, v_tiles + t * 512, 1, d_tiles, key_blocks, count, 0);
             store_three_tiles(out + first * D + t * TILE, D, count);
         }
         for (int64_t r = first; r < first + n; r++)
@@ -233,31 +239,12 @@ void bd_bf16_linear(const uint16_t *x, const uint16_t *weights, uint16_t *out, i
         for (int64_t group = 0; group < (tiles + OUT_TILES - 1) / OUT_TILES; group++) {
             const int64_t t = OUT_TILES * group;
             const int count = tiles - t < OUT_TILES ? (int)(tiles - t) : OUT_TILES;
-            const uint8_t *w = (const uint8_t *)weights + t * blocks * BLOCK_BYTES;
+            const uint16_t *w = weights + t * blocks * 512;
             for (int64_t first = 0; first < rows; first += TILE) {
                 const int n = rows - first < TILE ? (int)(rows - first) : TILE;
                 if (configured != n) configure_tiles(configured = n);
-                _tile_zero(0);
-                _tile_zero(3);
-                _tile_zero(5);
-                for (int64_t b = 0; b < blocks; b++) {
-                    if (BF16_PREFETCH && first == 0)  /* later row blocks find the weights in cache */
-                        for (int k = 0; k < count; k++)
-                            for (int line = 0; line < BLOCK_BYTES; line += 64)
-                                _mm_prefetch((const char *)w + (k * blocks + b + BF16_PREFETCH) * BLOCK_BYTES + line,
-                                             _MM_HINT_T0);
-                    _tile_loadd(1, x + first * in + b * BLOCK, in * 2);
-                    _tile_loadd(2, w + b * BLOCK_BYTES, TILE * 4);
-                    _tile_dpbf16ps(0, 1, 2);
-                    if (count > 1) {
-                        _tile_loadd(4, w + (blocks + b) * BLOCK_BYTES, TILE * 4);
-                        _tile_dpbf16ps(3, 1, 4);
-                    }
-                    if (count > 2) {
-                        _tile_loadd(6, w + (2 * blocks + b) * BLOCK_BYTES, TILE * 4);
-                        _tile_dpbf16ps(5, 1, 6);
-                    }
-                }
+                /* later row blocks find the weights in cache */
+                three_tiles(x + first * in, BLOCK, in * 2, w, blocks, 1, blocks, count, first == 0);
                 uint16_t *o = out + first * outs + t * TILE;
                 _tile_stored(0, sums, TILE * 4);
                 store_tile(sums, o, n, outs);

@@ -450,9 +450,11 @@ void bd_attention(const void *q, const void *k_cache, const void *v_cache, const
     const int on_tiles = dtype == 1 && D % 32 == 0 && bd_bf16_amx();
 #pragma omp parallel if (parallel)
     {
-        float *keys = malloc(span * D * sizeof(float)), *values = malloc(span * D * sizeof(float));
-        float *scores = malloc(G * span * sizeof(float)), *queries = malloc(G * D * sizeof(float));
-        float *acc = malloc(G * D * sizeof(float));
+        /* the float32 copies the vector code reads; the tile unit packs its own */
+        float *keys = on_tiles ? NULL : malloc(span * D * sizeof(float));
+        float *values = on_tiles ? NULL : malloc(span * D * sizeof(float));
+        float *scores = on_tiles ? NULL : malloc(G * span * sizeof(float));
+        float *queries = on_tiles ? NULL : malloc(G * D * sizeof(float)), *acc = on_tiles ? NULL : malloc(G * D * sizeof(float));
         int64_t *slots = malloc(span * sizeof(int64_t)), *at = malloc(QUERY_TILE * span * sizeof(int64_t));
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
